@@ -131,11 +131,12 @@ def headscope_contestants(d, dtype, n_layers):
     note = ""
     try:
         from headscope.models import load_model
-        model = load_model()
+        # dtype at load, not `.to(dtype)`: `.to` also casts RoPE's `inv_freq` buffer to bf16, and
+        # by position 128 the residual stream is off by tens of percent from a bf16-loaded model
+        model = load_model(dtype=dtype)
     except Exception as e:
         note = f"load_model() failed ({type(e).__name__}: {e}); ran on AutoModelForCausalLM({d.name})"
-        log(f"headscope: {note}"); model = load_hf(d, "sdpa", torch.float32)
-    model = model.to(dtype).eval()
+        log(f"headscope: {note}"); model = load_hf(d, "sdpa", dtype)
     def make(names):
         def run():
             c = run_with_cache(model, IDS, names=names, dtype=None)
