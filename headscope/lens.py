@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
 from .arch import arch_spec, get_module, model_dims
-from .hooks import to_inputs, forward
+from .hooking import to_inputs, forward
 from .cache import run_with_cache, ActivationCache
 
 # %% auto #0

@@ -10,7 +10,7 @@ import torch
 from torch import nn, Tensor
 import headscope
 from .arch import model_dims
-from .hooks import to_inputs
+from .hooking import to_inputs
 from .cache import run_with_cache
 from .models import model_summary
 from .lens import top_predictions, logit_lens, token_strs, resid_names

@@ -5,7 +5,7 @@ forward (`output_hidden_states`, eager `output_attentions`), the model's own sub
 cached inputs, or a float64 recomputation of attention."""
 import torch
 from headscope.arch import model_hook_names, blocks, get_module, arch_spec, model_dims
-from headscope.hooks import run_with_hooks
+from headscope.hooking import run_with_hooks
 from headscope.cache import run_with_cache
 
 O_PROJ = {"gpt2": "c_proj", "gpt_neox": "dense"}   # output projection inside the attention module; others: o_proj

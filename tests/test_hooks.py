@@ -2,7 +2,7 @@
 import gc, os, resource, pytest, torch
 from headscope.models import tiny_model, TINY_ARCHS
 from headscope.arch import model_hook_names, HookNameError, UnsupportedArchitectureError, model_dims
-from headscope.hooks import hooks, run_with_hooks, patch, ablate, scale, add, to_inputs, HookFunctionError
+from headscope.hooking import hooks, run_with_hooks, patch, ablate, scale, add, to_inputs, HookFunctionError
 from headscope.cache import run_with_cache
 
 def maxdiff(a, b): return (a.double() - b.double()).abs().max().item()

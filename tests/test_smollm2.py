@@ -2,7 +2,7 @@
 import pytest, torch
 from headscope.arch import model_hook_names
 from headscope.cache import run_with_cache
-from headscope.hooks import hooks, add, to_inputs
+from headscope.hooking import hooks, add, to_inputs
 from _checks import *
 
 pytestmark = pytest.mark.slow
