@@ -21,9 +21,16 @@ def token_strs(tok, ids)->list[str]:
     "Each id in `ids` decoded on its own (leading spaces kept)"
     return [tok.decode([i], clean_up_tokenization_spaces=False) for i in torch.as_tensor(ids).reshape(-1).tolist()]
 
+_WS = {" ": "␣", "\n": "↵", "\t": "⇥"}
+
 def _visible(s:str)->str:
-    "`s` escaped for HTML, with whitespace made visible"
-    return html.escape(s.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥"))
+    "`s` escaped for HTML, with whitespace and other invisible characters made visible"
+    return html.escape("".join(_WS.get(c) or (c if c.isprintable() else c.encode("unicode_escape").decode()) for c in s))
+
+# every cell carries its own background and text colour: notebook front ends stripe table rows with
+# theme colours (dark ones in a dark theme), which would otherwise show through behind our dark text
+_CELL = "color:#111111;border:1px solid #d9dce1;padding:2px 6px"
+_TR, _TD, _TH = "background-color:#ffffff", f"background-color:#ffffff;{_CELL}", f"background-color:#f3f4f6;{_CELL};font-weight:bold"
 
 def _tint(p:float)->str:
     "Inline style for a cell shaded by probability `p`: explicit background *and* text colour, so it reads on any theme"
@@ -77,12 +84,12 @@ class Predictions:
         for r, (t, p, l) in enumerate(zip(self.tokens[b], self.probs[b].tolist(), self.logits[b].tolist())):
             bar = (f"<div style='width:120px;height:10px;background-color:#e5e7eb;border:1px solid #9ca3af'>"
                    f"<div style='width:{100*p:.1f}%;height:100%;background-color:#1d4ed8'></div></div>")
-            cells.append(f"<tr><td>{r+1}</td><td><code style='color:#111111;background-color:#f3f4f6'>{_visible(t)}</code></td>"
-                         f"<td>{bar}</td><td style='text-align:right'>{100*p:.1f}%</td><td style='text-align:right'>{l:.2f}</td></tr>")
+            cells.append(f"<tr style='{_TR}'><td style='{_TD}'>{r+1}</td><td style='{_TD}'><code style='color:#111111;background-color:#f3f4f6'>{_visible(t)}</code></td>"
+                         f"<td style='{_TD}'>{bar}</td><td style='{_TD};text-align:right'>{100*p:.1f}%</td><td style='{_TD};text-align:right'>{l:.2f}</td></tr>")
         return (f"<div style='margin:4px 0'>after <code style='color:#111111;background-color:#f3f4f6'>{_visible(self.context[b])}</code> in "
                 f"<q>{html.escape(self.prompts[b])}</q></div>"
                 "<table class='hs-table' style='border-collapse:collapse;background-color:#ffffff;color:#111111'>"
-                "<thead><tr><th>#</th><th>token</th><th>probability</th><th></th><th>logit</th></tr></thead>"
+                f"<thead><tr style='{_TR}'>" + "".join(f"<th style='{_TH}'>{c}</th>" for c in ("#", "token", "probability", "", "logit")) + "</tr></thead>"
                 f"<tbody>{''.join(cells)}</tbody></table>")
 
     def _repr_html_(self):
@@ -129,7 +136,7 @@ def unembed(model:nn.Module,
 
 # %% ../nbs/04_lens.ipynb #f4392279
 def _lens_cell(t:str, p:float)->str:
-    return f"<td style='{_tint(p)};padding:2px 6px;white-space:nowrap'><code style='color:inherit;background:none'>{_visible(t)}</code><br><small>{100*p:.1f}%</small></td>"
+    return f"<td style='{_tint(p)};border:1px solid #d9dce1;padding:2px 6px;white-space:nowrap'><code style='color:inherit;background:none'>{_visible(t)}</code><br><small>{100*p:.1f}%</small></td>"
 
 @dataclass
 class LogitLens:
@@ -159,14 +166,14 @@ class LogitLens:
 
     def _repr_html_(self):
         k = len(self.top_tokens[0])
-        head = "".join(f"<th>top {i+1}</th>" for i in range(k)) + "".join(
-            f"<th><code style='color:inherit;background:none'>{_visible(t)}</code><br><small>p · rank</small></th>" for t in self.target_tokens)
+        head = "".join(f"<th style='{_TH}'>top {i+1}</th>" for i in range(k)) + "".join(
+            f"<th style='{_TH}'><code style='color:inherit;background:none'>{_visible(t)}</code><br><small>p · rank</small></th>" for t in self.target_tokens)
         rows = []
         for i, lab in enumerate(self.labels):
             cells = "".join(_lens_cell(t, p) for t, p in zip(self.top_tokens[i], self.probs[i].tolist()))
-            cells += "".join(f"<td style='{_tint(p)};padding:2px 6px;white-space:nowrap'>{100*p:.1f}%<br><small>#{int(r)}</small></td>"
+            cells += "".join(f"<td style='{_tint(p)};border:1px solid #d9dce1;padding:2px 6px;white-space:nowrap'>{100*p:.1f}%<br><small>#{int(r)}</small></td>"
                              for p, r in zip(self.target_probs[i].tolist(), self.target_ranks[i].tolist()))
-            rows.append(f"<tr><th style='text-align:right;padding:2px 6px'>{lab}</th>{cells}</tr>")
+            rows.append(f"<tr style='{_TR}'><th style='{_TH};text-align:right'>{lab}</th>{cells}</tr>")
         prompt = "".join(f"<b style='text-decoration:underline'>{html.escape(t)}</b>" if j == self.index else html.escape(t)
                          for j, t in enumerate(self.tokens))
         return ("<div class='hs-lens' style='background-color:#ffffff;color:#111111;padding:6px;overflow-x:auto'>"
@@ -175,7 +182,7 @@ class LogitLens:
                 "Row L<i>l</i> decodes the residual stream entering layer <i>l</i>; <i>final</i> is the model's output. "
                 "Shade ∝ √probability.</div>"
                 "<table class='hs-table' style='border-collapse:collapse;background-color:#ffffff;color:#111111;font-size:12px'>"
-                f"<thead><tr><th>layer</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+                f"<thead><tr style='{_TR}'><th style='{_TH}'>layer</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 # %% ../nbs/04_lens.ipynb #5003a78e
 def _target_ids(tok, targets)->list[int]:

@@ -2,7 +2,7 @@
 
 The fast tests save a tiny random model with `save_pretrained` (no downloads); the slow one uses the
 embedded SmolLM2-135M-Instruct with every default."""
-import os, re, subprocess, sys
+import os, re, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 
@@ -70,7 +70,36 @@ def test_report_smollm2_defaults(tmp_path):
     out = tmp_path/"reports"/"report.html"
     assert f"Wrote {out.resolve()}" in r.stdout and "Top prediction: ' Mary'" in r.stdout
     page = out.read_text(encoding="utf-8")
-    first = re.search(r"<tr><td>1</td><td><code[^>]*>(.*?)</code>", page).group(1)   # rank 1 of the predictions table
+    first = re.search(r"<td[^>]*>1</td><td[^>]*><code[^>]*>(.*?)</code>", page).group(1)   # rank 1 of the predictions table
     assert first == "␣Mary"
     assert "When Mary and John went to the store, John gave a drink to" in page and no_cdn(page)
     assert "layers 20–29" in page
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+def dom_after_scripts(page:Path)->str:
+    "The DOM of `page` after its scripts ran, from headless Chromium"
+    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                        "--disable-component-update", "--disable-sync", "--no-first-run", "--virtual-time-budget=10000",
+                        "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install chromium)")
+def test_views_draw_in_chromium(tmp_path):
+    "Two views in one page both draw and hide their static copies; with scripts blocked the static copies stay"
+    import torch
+    from headscope.views.attention import attention_heads_html
+    toks = ["<bos>", "When", " Mary", " </script><b>x"]
+    sink = torch.zeros(4, 4); sink[:, 0] = 1
+    body = attention_heads_html(toks, torch.stack([sink, torch.eye(4)]), ["L0H0", "L0H1"]) + attention_heads_html(toks, sink[None], ["L1H2"])
+    for csp, drawn in (("", True), ("<meta http-equiv='Content-Security-Policy' content=\"script-src 'none'\">", False)):
+        page = tmp_path/f"two-{drawn}.html"
+        page.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'>{csp}</head><body>{body}</body></html>", encoding="utf-8")
+        dom = dom_after_scripts(page)
+        vis = re.findall(r'<div id="circuits-vis-[^"]+"[^>]*>(<div)?', dom)
+        fb = re.findall(r'<div id="hs-fallback-[^"]+"[^>]*>', dom)
+        assert len(vis) == 2 and len(fb) == 2
+        assert all(bool(v) == drawn for v in vis)                       # circuitsvis drew into each div (or could not)
+        assert all(("display: none" in f) == drawn for f in fb)         # the static copy hides only once the view drew
+        assert "<b>x" not in dom.replace("&lt;/script&gt;&lt;b&gt;x", "")

@@ -24,8 +24,11 @@ def _escape_props(h:str)->str:
     return h[:i] + call + h[j:]
 
 # %% ../../nbs/05_views.attention.ipynb #7a539747
+_WS = {" ": "␣", "\n": "↵", "\t": "⇥"}
+
 def _short(t:str, n:int=10)->str:
-    t = t.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥")
+    "`t` with invisible characters made visible, cut to `n` characters (not yet HTML-escaped)"
+    t = "".join(_WS.get(c) or (c if c.isprintable() else c.encode("unicode_escape").decode()) for c in t)
     return t if len(t) <= n else t[:n-1] + "…"
 
 def pattern_svg(tokens:list,     # [pos] token strings
