@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_arch.ipynb #63d38523
 from __future__ import annotations
-import re, difflib, fnmatch
+import re, difflib, fnmatch, weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
 import torch
@@ -154,9 +154,13 @@ def _block_kinds(spec:ArchSpec, dims:ModelDims):
         if kind == "mlp_pre_linear" and not dims.gated: continue
         yield kind
 
+_POINTS = weakref.WeakKeyDictionary()   # model -> (dims, points): built once per model, not per forward
+
 def hook_points(model:nn.Module)->dict[str, HookPoint]:
     "Every hook point of `model`, by name, in forward order"
     spec, dims = arch_spec(model), model_dims(model)
+    hit = _POINTS.get(model)
+    if hit is not None and hit[0] == dims: return hit[1]
     pts = {"hook_embed": HookPoint("hook_embed", *_GLOBAL["hook_embed"][:1], None, _GLOBAL["hook_embed"][1])}
     if spec.pos_embed: pts["hook_pos_embed"] = HookPoint("hook_pos_embed", "pos_embed", None, _GLOBAL["hook_pos_embed"][1])
     for l in range(dims.n_layers):
@@ -166,6 +170,7 @@ def hook_points(model:nn.Module)->dict[str, HookPoint]:
             pts[n] = HookPoint(n, kind, l, dd)
     for n in ("ln_final.hook_normalized", "hook_logits"):
         pts[n] = HookPoint(n, _GLOBAL[n][0], None, _GLOBAL[n][1])
+    _POINTS[model] = (dims, pts)
     return pts
 
 def model_hook_names(model:nn.Module)->list[str]:

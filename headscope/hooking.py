@@ -269,7 +269,7 @@ class Hooks:
     def add(self, name, fn:Callable):
         "Add `fn(act, hook)` at every hook point `name` resolves to"
         if not callable(fn): raise TypeError(f"The hook function for {name!r} is not callable: {fn!r}")
-        for n in resolve_names(self.model, name):
+        for n in ([name] if isinstance(name, str) and name in self.points else resolve_names(self.model, name)):
             p = self.points[n]
             self.taps[n].append((fn, HookContext(p, self.state, self.dims.n_heads)))
         return self
