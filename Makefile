@@ -34,5 +34,7 @@ test-fast: $(STAMP)
 export: $(STAMP)
 	$(BIN)/nbdev_export && $(BIN)/nbdev_clean
 
-bench: $(STAMP)
-	$(BIN)/python bench/bench_cache.py
+# side by side with TransformerLens' bridge and nnsight, in their own venv (bench/.venvs/peers)
+bench:
+	bash bench/setup_peers.sh
+	bench/.venvs/peers/bin/python bench/bench_cache.py

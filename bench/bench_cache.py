@@ -8,7 +8,7 @@ pattern `[batch head q k]`, the per-head attention output z `[batch pos head d_h
 Hugging Face forward with the same attention implementation (SDPA or eager), loaded beside it.
 
     bash bench/setup_peers.sh                               # the venv with the peers, once
-    bench/.venvs/peers/bin/python bench/bench_cache.py      # ~3 min
+    bench/.venvs/peers/bin/python bench/bench_cache.py      # ~4 min
     bench/.venvs/peers/bin/python bench/bench_cache.py --malloc-tuned   # same, glibc malloc tuned
     bench/.venvs/peers/bin/python bench/bench_cache.py --both           # both, one after the other
 
@@ -31,6 +31,7 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": 
               "MALLOC_TOP_PAD_": "536870912"}
 KINDS = ("hook_resid_pre", "attn.hook_pattern", "attn.hook_z", "hook_mlp_out")
 MiB = 2**20
+HINT = "; for the peers: bash bench/setup_peers.sh, then bench/.venvs/peers/bin/python bench/bench_cache.py"
 
 def log(*a): print(*a, flush=True)
 
@@ -120,15 +121,41 @@ def plain(model):
     def run(): return {}, model(input_ids=IDS, use_cache=False)
     return run
 
+_PATTERN_SINK = {}   # layer -> callback, while `reference` runs an SDPA model
+
+def _sdpa_and_pattern(module, query, key, value, attention_mask, **kw):
+    """SDPA as the model runs it, plus the pattern that HF's own eager function computes from the same
+    q and k: the reference for a pattern read beside an SDPA forward (SDPA and eager diverge in bf16)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+    sink = _PATTERN_SINK.get(getattr(module, "layer_idx", None))
+    if sink is not None:
+        q, k = query.shape[-2], key.shape[-2]
+        m = attention_mask
+        if m is None: m = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)[None, None]
+        if m.dtype == torch.bool:   # SDPA masks say where to attend; eager adds a bias
+            m = torch.zeros(m.shape, dtype=query.dtype, device=query.device).masked_fill(~m, torch.finfo(query.dtype).min)
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        sink(eager(module, query, key, value, m, scaling=kw.get("scaling", module.scaling))[1])
+    return out, None
+
 def reference(model, layers):
     "Activations at `layers` from hooks on the real HF modules: the parity reference."
     acts, hs, cfg = {}, [], model.config
+    if cfg._attn_implementation == "sdpa":
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+        AttentionInterface.register("bench_sdpa_pattern", _sdpa_and_pattern)
+        AttentionMaskInterface.register("bench_sdpa_pattern", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        model.set_attn_implementation("bench_sdpa_pattern")
+        for l in layers:
+            _PATTERN_SINK[l] = lambda w, l=l: acts.__setitem__(f"blocks.{l}.attn.hook_pattern", w.detach())
     H, dh = cfg.num_attention_heads, cfg.hidden_size//cfg.num_attention_heads
     for l in layers:
         m = model.model.layers[l]
         def resid(mod, a, kw, l=l): acts[f"blocks.{l}.hook_resid_pre"] = (a[0] if a else kw["hidden_states"]).detach()
         def pat(mod, a, o, l=l):
-            if o[1] is not None: acts[f"blocks.{l}.attn.hook_pattern"] = o[1].detach()   # eager only
+            if o[1] is not None: acts[f"blocks.{l}.attn.hook_pattern"] = o[1].detach()   # eager's own weights
         def z(mod, a, l=l): acts[f"blocks.{l}.attn.hook_z"] = a[0].detach().unflatten(-1, (H, dh))
         def mlp(mod, a, o, l=l): acts[f"blocks.{l}.hook_mlp_out"] = o.detach()
         hs += [m.register_forward_pre_hook(resid, with_kwargs=True), m.self_attn.register_forward_hook(pat),
@@ -137,6 +164,7 @@ def reference(model, layers):
         with torch.no_grad(): model(input_ids=IDS, use_cache=False)
     finally:
         for h in hs: h.remove()
+        if _PATTERN_SINK: _PATTERN_SINK.clear(); model.set_attn_implementation("sdpa")
     return acts
 
 def headscope_contestants(d, dtype, n_layers):
@@ -154,15 +182,20 @@ def headscope_contestants(d, dtype, n_layers):
     except Exception as e:
         note = f"load_model() failed ({type(e).__name__}: {e}); ran on AutoModelForCausalLM({d.name})"
         log(f"headscope: {note}"); model = load_hf(d, "sdpa", dtype)
-    def make(names):
+    try: eager_model = load_model(dtype=dtype, attn_implementation="eager")
+    except Exception as e: eager_model = load_hf(d, "eager", dtype)
+    def make(names, m):
         def run():
-            c = run_with_cache(model, IDS, names=names, dtype=None)
+            c = run_with_cache(m, IDS, names=names, dtype=None)
             c = c[-1] if isinstance(c, tuple) else c
             return {n: c[n] for n in names}, c
         return run
-    impl = model.config._attn_implementation   # "sdpa" from load_model(); headscope picks how to get patterns
-    return [Contestant("headscope", impl, True, make(names_for(n_layers)), note),
-            Contestant("headscope no patterns", impl, False, make(names_for(n_layers, False)), note)], \
+    impl = model.config._attn_implementation   # "sdpa" from load_model()
+    # on an SDPA model, read-only pattern hooks keep SDPA for the output (logits bit-for-bit those of the
+    # SDPA model) and compute the pattern beside it; on an eager model the pattern is the eager path's own
+    return [Contestant("headscope, eager model", "eager", True, make(names_for(n_layers), eager_model), "patterns as eager computes them"),
+            Contestant("headscope, sdpa model", impl, True, make(names_for(n_layers), model), "SDPA output kept, pattern computed beside it"),
+            Contestant("headscope no patterns", impl, False, make(names_for(n_layers, False), model), note)], \
            {"model": model, "attn_impl_loaded": impl}
 
 def tl_contestants(d, dtype, n_layers):
@@ -171,7 +204,7 @@ def tl_contestants(d, dtype, n_layers):
         from transformer_lens.model_bridge import TransformerBridge
         bridge = TransformerBridge.boot_transformers(str(d), device="cpu", dtype=dtype)
     except Exception as e:
-        log(f"transformer-lens: not available ({type(e).__name__}: {e})"); return []
+        log(f"transformer-lens: not available ({type(e).__name__}: {e}){HINT}"); return []
     def make(names):
         keep = set(names)
         def run():
@@ -191,7 +224,7 @@ def nnsight_contestants(d, dtype, n_layers):
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(d)
     except Exception as e:
-        log(f"nnsight: not available ({type(e).__name__}: {e})"); return []
+        log(f"nnsight: not available ({type(e).__name__}: {e}){HINT}"); return []
     def make(attn, patterns):
         hf = load_hf(d, attn, dtype)
         with warnings.catch_warnings():   # 0.8.1: "LanguageModel is deprecated; use TransformersModel"
@@ -291,6 +324,7 @@ def bench_dtype(d, dtype, args, hs_state):
             del out; gc.collect()
 
     med = {c.name: statistics.median(c.times) for c in cs_ok}
+    times = {c.name: c.times for c in cs_ok}
     best = {c.name: min(c.times) for c in cs_ok}
     base = {"sdpa": med.get("HF forward (A)"), "eager": med.get("HF forward (B)")}
     base_min = {"sdpa": best.get("HF forward (A)"), "eager": best.get("HF forward (B)")}
@@ -305,6 +339,9 @@ def bench_dtype(d, dtype, args, hs_state):
                    # best-of-N over best-of-N: less hurt by other processes on a shared machine
                    min_ratio_vs_sdpa=round(best[c.name]/base_min["sdpa"], 3) if base_min["sdpa"] else None,
                    min_ratio_vs_eager=round(best[c.name]/base_min["eager"], 3) if base_min["eager"] else None,
+                   # per round (round robin: the contestant and the baseline ran seconds apart), then the median
+                   paired_vs_sdpa=round(statistics.median(t/b for t, b in zip(c.times, times["HF forward (A)"])), 3) if "HF forward (A)" in times else None,
+                   paired_vs_eager=round(statistics.median(t/b for t, b in zip(c.times, times["HF forward (B)"])), 3) if "HF forward (B)" in times else None,
                    times_s=[round(t, 4) for t in c.times])
         for k, v in c.info.items():
             row[k] = round(v, 4) if isinstance(v, float) else v
@@ -318,7 +355,7 @@ def bench_dtype(d, dtype, args, hs_state):
 def table(rows, dtype):
     f = lambda v, fmt: "-" if v is None else format(v, fmt)
     hdr = (f"{'contestant':30} {'attn':5} {'median s':>8} {'min-max s':>13} {'x A med/min':>11} {'x B med/min':>11} "
-           f"{'cache MiB':>9} {'req MiB':>8} {'x req':>5} {'peak RSS+':>9} {'rel diff vs HF hooks':>20}")
+           f"{'paired xA/xB':>12} {'cache MiB':>9} {'req MiB':>8} {'x req':>5} {'peak RSS+':>9} {'rel diff vs HF hooks':>20}")
     out = [f"\n== {dtype} ==", hdr, "-"*len(hdr)]
     for r in rows:
         if "error" in r: out.append(f"{r['name']:30} {r['attn']:5} FAILED: {r['error']}"); continue
@@ -328,6 +365,7 @@ def table(rows, dtype):
         out.append(f"{r['name']:30} {r['attn']:5} {r['median_s']:8.3f} {r['min_s']:6.3f}-{r['max_s']:<6.3f} "
                    f"{f(r['ratio_vs_sdpa'], '5.3f')}/{f(r['min_ratio_vs_sdpa'], '5.3f')} "
                    f"{f(r['ratio_vs_eager'], '5.3f')}/{f(r['min_ratio_vs_eager'], '5.3f')} "
+                   f"{f(r.get('paired_vs_sdpa'), '5.3f')}/{f(r.get('paired_vs_eager'), '5.3f')} "
                    f"{f(r.get('cache_bytes', 0)/MiB if 'cache_bytes' in r else None, '9.1f')} "
                    f"{f(r['requested_bytes']/MiB if 'requested_bytes' in r else None, '8.1f')} "
                    f"{f(r.get('cache_over_requested'), '5.2f')} "

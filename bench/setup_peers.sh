@@ -21,13 +21,10 @@ if [ ! -f "$STAMP" ]; then
   touch "$STAMP"
 fi
 # headscope, editable, with its own requirements (torch is already there, so it stays 2.13.0).
-# While the repo has no README.md, setup.py cannot build: fall back to a .pth on the repo root.
+# Never put the repo root itself on sys.path: its `kernels/` folder would shadow Hugging Face's `kernels`.
+rm -f "$($V/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/headscope-repo.pth"  # an older fallback
 if ! (cd / && "$OLDPWD/$V/bin/python" -c "import headscope.cache") 2>/dev/null; then   # not from cwd
-  if ! $PIP -e . 2>/dev/null; then
-    echo "setup_peers: pip install -e . failed (no README.md yet?); putting the repo on sys.path instead"
-    $PIP $(sed -n 's/^requirements *= *//p' settings.ini)
-    echo "$PWD" > "$($V/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/headscope-repo.pth"
-  fi
+  $PIP -e .
 fi
 (cd / && "$OLDPWD/$V/bin/python" -) <<'EOF'
 from importlib.metadata import version

@@ -12,7 +12,7 @@ from .arch import resolve_names, hook_points, model_dims, embed_is_resid, act_na
 from .hooking import hooks, to_inputs, forward
 
 # %% auto #0
-__all__ = ['tensors_nbytes', 'ActivationCache', 'run_with_cache', 'CacheEstimate', 'estimate_cache']
+__all__ = ['tensors_nbytes', 'ActivationCache', 'run_with_cache', 'CacheEstimate', 'estimate_cache', 'tune_malloc']
 
 # %% ../nbs/03_cache.ipynb #2a4cdd97
 def _fmt_bytes(n:float)->str:
@@ -180,3 +180,16 @@ def estimate_cache(model:nn.Module, inputs, names=None, dtype:torch.dtype|None=N
     shared = sum(row for l in range(d.n_layers - 1) if f"blocks.{l}.hook_resid_post" in ns and f"blocks.{l+1}.hook_resid_pre" in ns)
     if embed_is_resid(model) and {"hook_embed", "blocks.0.hook_resid_pre"} <= ns: shared += row
     return CacheEstimate(by, shared, (b, p))
+
+# %% ../nbs/03_cache.ipynb #c2595ef3
+def tune_malloc(mmap_threshold:int=2**31-1, # blocks below this come from the heap, which is reused, not from fresh mmaps
+                trim_threshold:int=2**31-1, # keep up to this much freed memory instead of returning it
+                top_pad:int=512*2**20,      # grow the heap in steps this large
+               )->bool:                     # False where the C library is not glibc
+    "Make glibc keep freed memory for reuse, so repeated caching forwards stop paying page faults"
+    import ctypes, ctypes.util, platform
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc": return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3   # from glibc's malloc.h
+    return all(libc.mallopt(o, v) == 1 for o, v in ((M_MMAP_THRESHOLD, mmap_threshold),
+                                                    (M_TRIM_THRESHOLD, trim_threshold), (M_TOP_PAD, top_pad)))
