@@ -12,8 +12,8 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['ARCH_SPECS', 'SUPPORTED_ARCHS', 'ATTN_INTERNAL_KINDS', 'ArchSpec', 'UnsupportedArchitectureError', 'arch_spec',
-           'ModelDims', 'model_dims', 'HookPoint', 'hook_points', 'model_hook_names', 'HookNameError', 'act_name',
-           'resolve_names', 'get_module', 'blocks', 'embed_is_resid']
+           'ModelDims', 'config_dims', 'model_dims', 'HookPoint', 'hook_points', 'model_hook_names', 'HookNameError',
+           'act_name', 'resolve_names', 'get_module', 'blocks', 'embed_is_resid']
 
 # %% ../nbs/01_arch.ipynb #0e1e569c
 @dataclass(frozen=True)
@@ -98,18 +98,20 @@ def _cfg(c, *names, default=None):
         if v is not None: return v
     return default
 
+def config_dims(config)->dict:
+    "Layers, heads, KV heads and widths from any decoder config, whatever it calls them"
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    d_model, n_heads = _cfg(c, "hidden_size", "n_embd"), _cfg(c, "num_attention_heads", "n_head")
+    return dict(n_layers=_cfg(c, "num_hidden_layers", "n_layer"), n_heads=n_heads,
+                n_kv_heads=_cfg(c, "num_key_value_heads", default=n_heads),
+                d_model=d_model, d_head=_cfg(c, "head_dim", default=d_model//n_heads),
+                d_mlp=_cfg(c, "intermediate_size", "n_inner", default=4*d_model), d_vocab=c.vocab_size)
+
 def model_dims(model:nn.Module)->ModelDims:
     "Sizes of `model` from its config, in TransformerLens' words"
     spec, c = arch_spec(model), model.config
-    d_model = _cfg(c, "hidden_size", "n_embd")
-    n_heads = _cfg(c, "num_attention_heads", "n_head")
-    return ModelDims(
-        n_layers=_cfg(c, "num_hidden_layers", "n_layer"), n_heads=n_heads,
-        n_kv_heads=_cfg(c, "num_key_value_heads", default=n_heads),
-        d_model=d_model, d_head=_cfg(c, "head_dim", default=d_model//n_heads),
-        d_mlp=_cfg(c, "intermediate_size", "n_inner", default=4*d_model), d_vocab=c.vocab_size,
-        parallel=bool(spec.parallel_attr and getattr(c, spec.parallel_attr, False)),
-        gated=spec.mlp_linear is not None)
+    return ModelDims(**config_dims(c), parallel=bool(spec.parallel_attr and getattr(c, spec.parallel_attr, False)),
+                     gated=spec.mlp_linear is not None)
 
 # %% ../nbs/01_arch.ipynb #7c750883
 @dataclass(frozen=True)

@@ -82,8 +82,8 @@ class _ForwardState:
 # %% ../nbs/02_hooking.ipynb #964c985c
 class HookContext:
     "What a hook function learns about where it is called: name, kind, layer, dimension words and token positions."
-    def __init__(self, point:HookPoint, state:_ForwardState, n_heads:int|None=None):
-        self.point, self.state, self.n_heads = point, state, n_heads
+    def __init__(self, point:HookPoint, state:_ForwardState):
+        self.point, self.state = point, state
         self.name, self.kind, self.layer, self.dims = point.name, point.kind, point.layer, point.dims
 
     @property
@@ -188,9 +188,13 @@ def eager_attention(module, query, key, value, attention_mask, scaling=None, dro
                     on_scores=None, on_pattern=None, **kwargs):
     "Attention computed explicitly as transformers' eager path does: (z `[batch pos head d_head]`, pattern)"
     pattern, _ = attention_pattern(module, query, key, attention_mask, scaling, softcap, on_scores, on_pattern)
-    value = _repeat_kv(value, query.shape[1] // value.shape[1])
-    pattern_d = nn.functional.dropout(pattern, p=dropout, training=module.training)
-    return torch.matmul(pattern_d, value).transpose(1, 2).contiguous(), pattern
+    return _attend(module, pattern, value, dropout), pattern
+
+def _attend(module, pattern:Tensor, value:Tensor, dropout:float=0.0)->Tensor:
+    "`pattern @ value` with GQA repeat and dropout, as z `[batch pos head d_head]`"
+    value = _repeat_kv(value, pattern.shape[1] // value.shape[1])
+    pattern = nn.functional.dropout(pattern, p=dropout, training=module.training)
+    return torch.matmul(pattern, value).transpose(1, 2).contiguous()
 
 # %% ../nbs/02_hooking.ipynb #05e156a9
 _BASES = {}   # registered name -> base implementation name
@@ -203,7 +207,8 @@ def _base_attention(module, base:str):
     return ALL_ATTENTION_FUNCTIONS[base]
 
 def _headscope_attention(module, query, key, value, attention_mask, **kwargs):
-    base = _base_attention(module, _BASES[module.config._attn_implementation])
+    base_name = _BASES[module.config._attn_implementation]
+    base = _base_attention(module, base_name)
     taps = getattr(module, "_headscope_taps", None)
     if not taps: return base(module, query, key, value, attention_mask, **kwargs)
     run = lambda kind, x: _run_taps(taps.get(kind), x)
@@ -216,10 +221,8 @@ def _headscope_attention(module, query, key, value, attention_mask, **kwargs):
         pattern, changed = attention_pattern(module, query, key, attention_mask, **kw,
                                              on_scores=(lambda s: run("attn_scores", s)) if "attn_scores" in taps else None,
                                              on_pattern=(lambda p: run("pattern", p)) if "pattern" in taps else None)
-        if changed or _BASES[module.config._attn_implementation] == "eager":
-            v = _repeat_kv(value, query.shape[1] // value.shape[1])
-            p = nn.functional.dropout(pattern, p=kwargs.get("dropout", 0.0), training=module.training)
-            out, w = torch.matmul(p, v).transpose(1, 2).contiguous(), pattern
+        if changed or base_name == "eager":
+            out, w = _attend(module, pattern, value, kwargs.get("dropout", 0.0)), pattern
         else:   # patterns only read: the output still comes from the model's own kernel, so logits stay bit-for-bit
             out, w = base(module, query, key, value, attention_mask, **kwargs)
     else:
@@ -271,7 +274,7 @@ class Hooks:
         if not callable(fn): raise TypeError(f"The hook function for {name!r} is not callable: {fn!r}")
         for n in ([name] if isinstance(name, str) and name in self.points else resolve_names(self.model, name)):
             p = self.points[n]
-            self.taps[n].append((fn, HookContext(p, self.state, self.dims.n_heads)))
+            self.taps[n].append((fn, HookContext(p, self.state)))
         return self
 
     def _mod(self, path:str, layer:int|None=None)->nn.Module:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib, difflib, hashlib, html, importlib.util, os, shutil, sys, tempfile, warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
+from .arch import config_dims  # one reader of config sizes, also behind `model_dims`
 import torch, transformers  # lazy: the modelling stack (seconds to import) loads on first use
 
 # %% auto #0
@@ -127,14 +128,9 @@ class ModelSummary:
 
 def model_summary(model:transformers.PreTrainedModel)->ModelSummary:
     "Layers, heads, widths, parameter count, dtype and attention implementation of an HF causal LM"
-    cfg = model.config.get_text_config()
-    d_model, n_heads = cfg.hidden_size, cfg.num_attention_heads
     return ModelSummary(
-        arch=cfg.model_type, n_layers=cfg.num_hidden_layers, n_heads=n_heads,
-        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
-        d_model=d_model, d_head=getattr(cfg, "head_dim", None) or d_model // n_heads,
-        d_mlp=getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d_model,
-        d_vocab=cfg.vocab_size, n_params=sum(p.numel() for p in model.parameters()),
+        arch=model.config.get_text_config().model_type, **config_dims(model.config),
+        n_params=sum(p.numel() for p in model.parameters()),
         dtype=str(model.dtype).removeprefix("torch."), attn_implementation=model.config._attn_implementation)
 
 # %% ../nbs/00_models.ipynb #2ae9c30a
