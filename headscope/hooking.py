@@ -216,6 +216,7 @@ def _headscope_attention(module, query, key, value, attention_mask, **kwargs):
     if "q" in taps: query = run("q", query.transpose(1, 2)).transpose(1, 2)
     if "k" in taps: key = run("k", key.transpose(1, 2)).transpose(1, 2)
     if "v" in taps: value = run("v", value.transpose(1, 2)).transpose(1, 2)
+    for fn in taps.get("observe", ()): fn(module, query, key, value, attention_mask, kwargs)   # after q/k/v edits
     if "attn_scores" in taps or "pattern" in taps:
         kw = {k: kwargs[k] for k in ("scaling", "softcap") if k in kwargs}
         pattern, changed = attention_pattern(module, query, key, attention_mask, **kw,
@@ -268,6 +269,7 @@ class Hooks:
         self.state = _ForwardState()
         self.handles, self.tapped, self.attn_switched = [], [], None
         self.taps = defaultdict(list)   # name -> [(fn, ctx)]
+        self.observers = defaultdict(list)   # layer -> [fn(module, query, key, value, attention_mask, kwargs)]
 
     def add(self, name, fn:Callable):
         "Add `fn(act, hook)` at every hook point `name` resolves to"
@@ -275,6 +277,13 @@ class Hooks:
         for n in ([name] if isinstance(name, str) and name in self.points else resolve_names(self.model, name)):
             p = self.points[n]
             self.taps[n].append((fn, HookContext(p, self.state)))
+        return self
+
+    def observe_attention(self, layer:int, fn:Callable):
+        "Call `fn(module, query, key, value, attention_mask, kwargs)` inside layer `layer`'s attention (q/k/v `[batch head pos d_head]`, after rotary and q/k/v hooks); for statistics that never form the pattern"
+        n = len(blocks(self.model))
+        if not -n <= layer < n: raise IndexError(f"Layer {layer} does not exist: the model has layers 0..{n-1}.")
+        self.observers[layer % n].append(fn)
         return self
 
     def _mod(self, path:str, layer:int|None=None)->nn.Module:
@@ -305,7 +314,7 @@ class Hooks:
         for l, blk in enumerate(blocks(self.model)):
             nm = lambda s: f"blocks.{l}.{s}"
             want = {p.kind for n, p in self.points.items() if p.layer == l and n in t}
-            if not want: continue
+            if not want and l not in self.observers: continue
             if "resid_pre" in want or "resid_mid" in want:
                 self._hook(blk, self._resid_pre_hook(l), pre=True)
             if "ln1" in want: self._hook(self._mod(sp.ln1, l), out_hook([nm("ln1.hook_normalized")]))
@@ -324,6 +333,7 @@ class Hooks:
             if "resid_post" in want: self._hook(blk, out_hook([nm("hook_resid_post")]))
             inner = {k: t[nm(s)] for k, s in (("q", "attn.hook_q"), ("k", "attn.hook_k"), ("v", "attn.hook_v"),
                      ("attn_scores", "attn.hook_attn_scores"), ("pattern", "attn.hook_pattern"), ("z", "attn.hook_z")) if nm(s) in t}
+            if self.observers.get(l): inner["observe"] = list(self.observers[l])
             if inner:
                 attn = self._mod(sp.attn, l)
                 taps = getattr(attn, "_headscope_taps", None)
@@ -382,12 +392,13 @@ class Hooks:
 
 # %% ../nbs/02_hooking.ipynb #d81eeaac
 @contextmanager
-def hooks(model:nn.Module, fwd_hooks=()):
-    "Attach `[(name, fn), ...]` to `model` inside a `with` block; `fn(act, hook)` returns None (read) or a replacement"
+def hooks(model:nn.Module, fwd_hooks=(), observe:dict|None=None):
+    "Attach `[(name, fn), ...]` to `model` inside a `with` block; `fn(act, hook)` returns None (read) or a replacement. `observe`: {layer: fn} for `Hooks.observe_attention`"
     if isinstance(fwd_hooks, tuple) and len(fwd_hooks) == 2 and isinstance(fwd_hooks[0], str): fwd_hooks = [fwd_hooks]
     h = Hooks(model)
     try:
         for name, fn in fwd_hooks: h.add(name, fn)
+        for l, fn in (observe or {}).items(): h.observe_attention(l, fn)
         h.attach()
         yield h
     finally:
