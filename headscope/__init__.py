@@ -12,6 +12,7 @@ _LAZY = {
     "cache": ["run_with_cache", "estimate_cache", "ActivationCache"],
     "lens": ["top_predictions", "logit_lens"],
     "report": ["write_report", "report_html"],
+    "views.heads": ["attention_explorer_html", "head_heatmap_html", "AttentionExplorer", "HeadHeatmap", "head_views"],
 }
 _WHERE = {name: mod for mod, names in _LAZY.items() for name in names}
 __all__ = sorted(_WHERE)
