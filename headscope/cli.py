@@ -24,6 +24,7 @@ def _parser()->argparse.ArgumentParser:
     r.add_argument("--out", default="reports/report.html", metavar="PATH", help="where to write the page (default: reports/report.html)")
     r.add_argument("--heads", type=int, default=4, metavar="N", help="attention heads to draw (default: 4)")
     r.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype (default: float32)")
+    r.add_argument("--no-census", action="store_true", help="skip the head census (faster; the report then has no census section)")
     r.set_defaults(run=_report)
     return p
 
@@ -42,7 +43,7 @@ def _report(a)->int:
     t0 = time.perf_counter()
     model = load_model(a.model, dtype=getattr(torch, a.dtype))
     t1 = time.perf_counter()
-    out = write_report(model, a.prompt, a.out, n_heads=a.heads)
+    out = write_report(model, a.prompt, a.out, n_heads=a.heads, census=not a.no_census, progress=sys.stderr.isatty())
     t2 = time.perf_counter()
     from headscope.lens import top_predictions
     top = top_predictions(model, a.prompt, k=1)

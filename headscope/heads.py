@@ -15,9 +15,9 @@ from .lens import token_strs
 
 # %% auto #0
 __all__ = ['STAT_NAMES', 'PATTERN_SCORES', 'CAUSAL_SCORES', 'SCORE_DESCRIPTIONS', 'DEFAULT_ROLES', 'AttentionStats',
-           'attention_stats', 'stats_from_pattern', 'repeated_tokens', 'default_text', 'text_tokens', 'pattern_scores',
-           'NeedleTask', 'needle_tasks', 'RetrievalResult', 'retrieval_scores', 'ablation_scores', 'head_out_weights',
-           'fold_norm', 'head_dla', 'HeadCensus', 'head_census']
+           'attention_stats', 'stats_from_pattern', 'max_positions', 'repeated_tokens', 'default_text', 'text_tokens',
+           'pattern_scores', 'NeedleTask', 'needle_tasks', 'RetrievalResult', 'retrieval_scores', 'ablation_scores',
+           'head_out_weights', 'fold_norm', 'head_dla', 'HeadCensus', 'head_census']
 
 # %% ../nbs/05a_heads.ipynb #6d2d121f
 STAT_NAMES = ("sink", "prev", "target", "entropy", "n_keys", "distance", "argmax", "max_weight",
@@ -143,6 +143,16 @@ def stats_from_pattern(A:Tensor,                # [batch head q_pos k_pos] atten
                           distance_nobos=(An * dist).sum(-1))
 
 # %% ../nbs/05a_heads.ipynb #6499db3a
+def max_positions(model:nn.Module)->int|None:
+    "The longest input the model's position embeddings allow (None if the config does not say)"
+    c = model.config
+    return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+
+def _check_len(model, ids:Tensor):
+    n = max_positions(model)
+    if n is not None and ids.shape[-1] > n:
+        raise ValueError(f"The inputs have {ids.shape[-1]} tokens but the model takes at most {n} positions (config.max_position_embeddings). Use shorter inputs.")
+
 def _plain_ids(tok)->list[int]:
     "Token ids that are not special tokens"
     special = set(tok.all_special_ids or [])
@@ -249,9 +259,11 @@ def pattern_scores(model:nn.Module,
     "Previous-token, sink, entropy, distance, induction and duplicate scores of every head (see `PATTERN_SCORES`)"
     tok, dims = model.tokenizer, model_dims(model)
     L, H = dims.n_layers, dims.n_heads
-    if text is None or isinstance(text, str): text = text_tokens(tok, n_seq, seq_len, text=text)
-    if repeated is None: repeated = repeated_tokens(tok, n_seq, 32)
+    n_max = max_positions(model) or seq_len
+    if text is None or isinstance(text, str): text = text_tokens(tok, n_seq, min(seq_len, n_max), text=text)
+    if repeated is None: repeated = repeated_tokens(tok, n_seq, min(32, (n_max - 1) // 2))
     text, repeated = torch.as_tensor(text), torch.as_tensor(repeated)
+    _check_len(model, text); _check_len(model, repeated)
     acc = [dict() for _ in range(L)]
     n = text.shape[1]
     qpos = torch.arange(n)
@@ -320,21 +332,27 @@ def needle_tasks(tok,                     # the model's tokenizer
                  n_digits:int=6,          # random digits in the needle
                  seed:int=0,
                  text:str|None=None,      # filler; default `default_text()`
+                 max_len:int|None=None,   # the model's context (`max_positions(model)`): the haystack shrinks to fit prompt + answer
                 )->list[NeedleTask]:
     "Needle-in-a-haystack copy tasks: 'The secret code is 7 3 9 1 4 2.' inside filler text, then the question"
     rng = random.Random(seed)
     filler = tok((text or default_text())[:200_000], add_special_tokens=False)["input_ids"]
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     out = []
+    first = _first_id(tok)
+    sep, dot, tail = enc("\n\n"), enc(".\n\n"), enc("\n\nWhat is the secret code? The secret code is")
     for t in range(n):
         code = " ".join(str(rng.randrange(10)) for _ in range(n_digits))
         start = rng.randrange(len(filler) - haystack_len)
         hay = filler[start:start + haystack_len]
-        cut = int(depths[t % len(depths)] * haystack_len)
-        pre, needle_a, needle_b = hay[:cut] + enc("\n\n"), enc("The secret code is"), enc(" " + code)
-        post = enc(".\n\n") + hay[cut:] + enc("\n\nWhat is the secret code? The secret code is")
-        first = _first_id(tok)
-        ids = ([first] if first is not None else []) + pre + needle_a + needle_b + post
+        needle_a, needle_b = enc("The secret code is"), enc(" " + code)
+        fixed = (first is not None) + len(sep) + len(needle_a) + len(needle_b) + len(dot) + len(tail) + len(needle_b) + 2
+        if max_len is not None and fixed + len(hay) > max_len:   # shrink the haystack to fit the prompt and the decoded answer
+            if max_len - fixed < 8: raise ValueError(f"A context of {max_len} tokens leaves no room for a haystack around the needle prompt ({fixed} tokens).")
+            hay = hay[:max_len - fixed]
+        cut = int(depths[t % len(depths)] * len(hay))
+        pre = hay[:cut] + sep
+        ids = ([first] if first is not None else []) + pre + needle_a + needle_b + dot + hay[cut:] + tail
         p0 = (first is not None) + len(pre) + len(needle_a)
         out.append(NeedleTask(torch.tensor(ids), torch.arange(p0, p0 + len(needle_b)), torch.tensor(needle_b), torch.tensor(needle_b)))
     return out
@@ -373,7 +391,7 @@ def retrieval_scores(model:nn.Module,
                     )->RetrievalResult:
     "Copy-paste retrieval score of every head (Wu et al., 2024) and the exact-copy accuracy of each task"
     dims = model_dims(model)
-    tasks = needle_tasks(model.tokenizer) if tasks is None else tasks
+    tasks = needle_tasks(model.tokenizer, max_len=max_positions(model)) if tasks is None else tasks
     total = torch.zeros(dims.n_layers, dims.n_heads, dtype=torch.float64)
     acc, gens = [], []
     for t in tqdm(tasks, desc="needles", disable=not progress, leave=False):
@@ -474,7 +492,7 @@ def fold_norm(norm:nn.Module,   # an RMSNorm or LayerNorm module
     return pf * w / (xf.pow(2).mean(-1, keepdim=True) + eps).sqrt()
 
 def _answer_ids(tok, a)->Tensor:
-    if isinstance(a, str): a = [a]
+    if isinstance(a, (str, int)): a = [a]
     if torch.is_tensor(a): return a.reshape(-1)
     ids = []
     for s in a:

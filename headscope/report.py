@@ -14,10 +14,11 @@ from .hooking import to_inputs
 from .cache import run_with_cache
 from .models import model_summary
 from .lens import top_predictions, logit_lens, token_strs, resid_names
-from .views.attention import attention_heads_html
+from .views.attention import attention_heads_html, pattern_svg
+from .heads import head_census, HeadCensus, needle_tasks, text_tokens, repeated_tokens, max_positions
 
 # %% auto #0
-__all__ = ['pick_heads', 'report_html', 'write_report']
+__all__ = ['pick_heads', 'REPORT_CENSUS', 'report_html', 'write_report']
 
 # %% ../nbs/06_report.ipynb #845f26d3
 def pick_heads(patterns:dict,    # layer -> [batch head q_pos k_pos] attention patterns (batch row 0 is read)
@@ -58,12 +59,38 @@ def _section(title:str, note:str, body:str)->str:
     return f"<section><h2>{title}</h2>" + (f"<p class='note'>{note}</p>" if note else "") + f"<div class='card'>{body}</div></section>"
 
 # %% ../nbs/06_report.ipynb #437dc161
+def REPORT_CENSUS(model)->dict:
+    "The small inputs a report's census runs on"
+    tok, n = model.tokenizer, max_positions(model) or 4096
+    return dict(text=text_tokens(tok, 4, min(128, n)), repeated=repeated_tokens(tok, 4, min(32, (n - 1) // 2)),
+                tasks=needle_tasks(tok, n=3, haystack_len=192, max_len=n), ablation_text=text_tokens(tok, 2, min(64, n), seed=1), modes=("zero",))
+
+def _role_gallery(model, census:HeadCensus, toks:list, pats:Tensor, per_role:int=3)->str:
+    "Static pictures of each role's strongest heads"
+    rep = repeated_tokens(model.tokenizer, 1, 8, seed=7)
+    rep_c = None
+    out = []
+    for role in census.thresholds:
+        if census.thresholds[role][0] not in census.scores: continue
+        hs = census.heads(role)[:per_role]
+        if not hs: continue
+        if role in ("induction", "duplicate-token"):
+            if rep_c is None: rep_c = run_with_cache(model, rep, names=["blocks.*.attn.hook_pattern"])
+            tk, get = token_strs(model.tokenizer, rep[0]), lambda l, h: rep_c["pattern", l][0, h]
+        else: tk, get = toks, lambda l, h: pats[l, h]
+        svgs = "".join(f"<div style='display:inline-block;margin:4px;vertical-align:top'>{pattern_svg(tk, get(l, h), f'L{l}H{h}', cell=9)}</div>" for l, h in hs)
+        out.append(f"<h3>{html.escape(role)}</h3>{svgs}")
+    return "".join(out)
+
+# %% ../nbs/06_report.ipynb #8a45cd53
 def report_html(model:nn.Module,
                 prompt:str,       # the prompt to study
                 n_heads:int=4,    # attention heads to draw
                 k:int=10,         # top next-token predictions to list
+                census=True,      # True: run `head_census` (small inputs, see `REPORT_CENSUS`); a `HeadCensus`; or False
+                progress:bool=False,
                )->str:
-    "A self-contained HTML page about `model` on `prompt`: summary, predictions, logit lens, attention heads"
+    "A self-contained HTML page about `model` on `prompt`: summary, predictions, logit lens, attention heads, head census"
     t0 = time.perf_counter()
     x = to_inputs(model, prompt)
     if x["input_ids"].shape[0] != 1: raise ValueError("A report is about one prompt.")
@@ -71,7 +98,7 @@ def report_html(model:nn.Module,
     first = (2 * L) // 3 if L > 1 else 0
     layers = list(range(first, L))
     # one forward feeds every section: the residuals for the lens, the patterns of the last third of layers
-    cache = run_with_cache(model, x, names=resid_names(model) + [f"blocks.{l}.attn.hook_pattern" for l in layers])
+    cache = run_with_cache(model, x, names=resid_names(model) + [f"blocks.{l}.attn.hook_pattern" for l in (range(L) if census is not False else layers)])
     preds = top_predictions(model, cache, k=k)
     lens = logit_lens(model, cache, k=5, targets=[int(preds.ids[0, 0])])
     heads = pick_heads({l: cache["pattern", l] for l in layers}, n_heads) if n_heads > 0 else []
@@ -86,6 +113,14 @@ def report_html(model:nn.Module,
     else:
         attn, attn_note = "<p>No heads requested.</p>", ""
     top, p_top = preds.tokens[0][0], float(preds.probs[0, 0])
+    cen_html, cen_note = "", ""
+    if census is not False:
+        if census is True: census = head_census(model, prompt=prompt, answer=[int(preds.ids[0, 0])], progress=progress, **REPORT_CENSUS(model))
+        pats = torch.stack([cache["pattern", l][0] for l in range(L)])
+        cen_html = census.to_html(tokens=toks, patterns=pats) + _role_gallery(model, census, toks, pats)
+        cen_note = ("Every head scored on generated inputs (formulas under each score's name in the heatmap); "
+                    "`dla` is the direct logit attribution to the top prediction on this prompt. Click a heatmap cell to open that head "
+                    "on the prompt. Roles are thresholds on one score each; a head can hold several.")
     ft = lens.first_top()
     when = ("" if ft is None else " It is the top token only in the final row." if ft == len(lens.labels) - 1
             else f" It is the top token from row {lens.labels[ft]} on.")
@@ -100,7 +135,7 @@ def report_html(model:nn.Module,
         _section("Next-token predictions", f"The {k} most likely tokens after the prompt.", preds._repr_html_()),
         _section("Logit lens", lens_note, lens._repr_html_()),
         _section("Attention patterns", html.escape(attn_note), attn),
-    ])
+    ] + ([_section("Head census", html.escape(cen_note), cen_html)] if cen_html else []))
     import transformers
     secs = time.perf_counter() - t0
     foot = (f"<footer>Made with headscope {html.escape(headscope.__version__)} (torch {html.escape(torch.__version__)}, transformers "
