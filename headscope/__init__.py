@@ -11,6 +11,8 @@ _LAZY = {
     "hooking": ["hooks", "run_with_hooks", "patch", "ablate", "scale", "add", "to_inputs", "HookContext"],
     "cache": ["run_with_cache", "estimate_cache", "ActivationCache"],
     "lens": ["top_predictions", "logit_lens"],
+    "heads": ["head_census", "HeadCensus", "pattern_scores", "retrieval_scores", "ablation_scores", "head_dla",
+              "attention_stats", "needle_tasks", "repeated_tokens", "text_tokens"],
     "report": ["write_report", "report_html"],
     "views.heads": ["attention_explorer_html", "head_heatmap_html", "AttentionExplorer", "HeadHeatmap", "head_views"],
 }
