@@ -74,6 +74,7 @@ def test_report_smollm2_defaults(tmp_path):
     assert first == "␣Mary"
     assert "When Mary and John went to the store, John gave a drink to" in page and no_cdn(page)
     assert "layers 20–29" in page
+    assert "<h2>Head census</h2>" in page and "<h3>induction</h3>" in page and "<h3>retrieval</h3>" in page
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
