@@ -14,8 +14,9 @@ from .hooking import hooks, to_inputs, forward
 from .cache import run_with_cache
 
 # %% auto #0
-__all__ = ['KINDS', 'HEAD_KINDS', 'logit_diff', 'answer_prob', 'answer_loss', 'kl_div', 'normalise', 'Target', 'targets_for',
-           'PatchingResult', 'activation_patching', 'naive_patching']
+__all__ = ['KINDS', 'HEAD_KINDS', 'IOI_TEMPLATES', 'IOI_NAMES', 'logit_diff', 'answer_prob', 'answer_loss', 'kl_div', 'normalise',
+           'Target', 'targets_for', 'PatchingResult', 'activation_patching', 'naive_patching', 'PromptPairs',
+           'single_token_names', 'ioi_pairs']
 
 # %% ../nbs/05c_patching.ipynb #15ee5079
 def _ids(x, n:int, device=None)->Tensor:
@@ -212,3 +213,55 @@ def naive_patching(model, clean, corrupt, metric, kind="z", pos=-1, layers=None)
             return act
         out.append(metric(run_with_hooks(model, xk, [(t.name, f)])[:, -1]).mean())
     return torch.stack(out).view(shape)
+
+# %% ../nbs/05c_patching.ipynb #13bacac4
+IOI_TEMPLATES = [
+    "When {A} and {B} went to the store, {S} gave a drink to",
+    "When {A} and {B} went to the park, {S} gave a ball to",
+    "After {A} and {B} had lunch at the cafe, {S} handed the menu to",
+    "While {A} and {B} were working at the office, {S} sent an email to",
+    "Then, {A} and {B} went to the beach. {S} gave a towel to",
+    "When {A} and {B} got a snack at the market, {S} decided to give it to",
+    "Friends {A} and {B} found a book at the library. {S} gave the book to",
+    "After the meeting, {A} and {B} went home. {S} wrote a letter to",
+]
+IOI_NAMES = ["Mary", "John", "Tom", "James", "Anna", "Paul", "Sarah", "David", "Emma", "Michael", "Lisa", "Mark",
+             "Kate", "Peter", "Laura", "Alex", "Rachel", "Daniel", "Amy", "Chris", "Jessica", "Brian", "Emily", "Kevin"]
+
+@dataclass
+class PromptPairs:
+    "Clean and corrupted prompts with answer and distractor token ids, grouped to one token length"
+    clean:list; corrupt:list; correct:Tensor; wrong:Tensor
+    def __len__(self): return len(self.clean)
+    def logit_diff(self):
+        "A metric for `activation_patching`: each row's logit difference, rows laid out pair-major (`b·K + g`)"
+        def f(lg):
+            k = lg.shape[0] // len(self)
+            return logit_diff(lg, self.correct.repeat_interleave(k).to(lg.device), self.wrong.repeat_interleave(k).to(lg.device))
+        return f
+    def __repr__(self): return f"PromptPairs({len(self)} pairs, e.g. {self.clean[0]!r} -> {self.corrupt[0]!r})"
+
+def single_token_names(tok, names=IOI_NAMES)->list:
+    "The names that are one token with a leading space"
+    return [n for n in names if len(tok.encode(" " + n, add_special_tokens=False)) == 1]
+
+def ioi_pairs(tok, n:int=32, seed:int=0, templates=IOI_TEMPLATES, names=None)->PromptPairs:
+    "`n` IOI prompts (half with the subject first, half second) and ABC corruptions of the same token length"
+    import random
+    rng = random.Random(seed)
+    names = single_token_names(tok, names or IOI_NAMES)
+    if len(names) < 5: raise ValueError(f"Only {len(names)} names are single tokens in this tokenizer; IOI needs at least 5.")
+    enc = lambda s: tok.encode(s, add_special_tokens=False)
+    cl, co, c, w = [], [], [], []
+    target_len = None
+    tries = 0
+    while len(cl) < n and tries < 100 * n:
+        tries += 1
+        t = templates[len(cl) % len(templates)] if target_len is None else rng.choice(templates)
+        io, s, a2, b2, c2 = rng.sample(names, 5)
+        a, b = (io, s) if len(cl) % 2 == 0 else (s, io)
+        p, q = t.format(A=a, B=b, S=s), t.format(A=a2, B=b2, S=c2)
+        if target_len is None: target_len = len(enc(p))
+        if len(enc(p)) != target_len or len(enc(q)) != target_len: continue
+        cl.append(p); co.append(q); c.append(enc(" " + io)[0]); w.append(enc(" " + s)[0])
+    return PromptPairs(cl, co, torch.tensor(c), torch.tensor(w))
