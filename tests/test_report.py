@@ -42,7 +42,9 @@ def test_report_tiny_model(tiny_dir, tmp_path):
     assert "class='hs-lens'" in page and len(re.findall(r">L\d+</th>", page)) == 3 and ">final</th>" in page   # logit-lens table
     assert page.count('<div id="circuits-vis-') == 1 and "CircuitsVis.render(" in page                     # attention view, inlined
     assert "hs-attention-static" in page and "<svg" in page                                                # and its static fallback
-    assert len(re.findall(r"\bL2H\d \(\d\.\d\d\)", page)) == 3                                             # three heads, named
+    attn = page.split("<h2>Attention patterns</h2>", 1)[1].split("<section>", 1)[0]
+    assert len(re.findall(r"\bL2H\d \(\d\.\d\d\)", attn)) == 3                                             # three heads, named
+    assert "<h2>Head census</h2>" in page                                                                   # the census by default
 
 def test_report_bfloat16(tiny_dir, tmp_path):
     r = cli("report", "--model", tiny_dir, "--prompt", "hello", "--out", tmp_path/"b.html", "--dtype", "bfloat16", "--heads", "0", cwd=tmp_path)
