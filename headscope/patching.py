@@ -14,9 +14,9 @@ from .hooking import hooks, to_inputs, forward
 from .cache import run_with_cache
 
 # %% auto #0
-__all__ = ['KINDS', 'HEAD_KINDS', 'IOI_TEMPLATES', 'IOI_NAMES', 'logit_diff', 'answer_prob', 'answer_loss', 'kl_div', 'normalise',
-           'Target', 'targets_for', 'PatchingResult', 'activation_patching', 'naive_patching', 'PromptPairs',
-           'single_token_names', 'ioi_pairs']
+__all__ = ['KINDS', 'HEAD_KINDS', 'IOI_TEMPLATES', 'IOI_NAMES', 'FACTS', 'logit_diff', 'answer_prob', 'answer_loss', 'kl_div',
+           'normalise', 'Target', 'targets_for', 'PatchingResult', 'activation_patching', 'naive_patching',
+           'PromptPairs', 'single_token_names', 'ioi_pairs', 'fact_pairs']
 
 # %% ../nbs/05c_patching.ipynb #15ee5079
 def _ids(x, n:int, device=None)->Tensor:
@@ -239,6 +239,18 @@ class PromptPairs:
             k = lg.shape[0] // len(self)
             return logit_diff(lg, self.correct.repeat_interleave(k).to(lg.device), self.wrong.repeat_interleave(k).to(lg.device))
         return f
+    def evaluate(self, model:nn.Module, batch_size:int=32)->dict:
+        "The model's clean behaviour: top-1 accuracy, share with logit difference > 0, mean logit difference and answer probability (clean and corrupted)"
+        out = {}
+        for side, ps in (("clean", self.clean), ("corrupt", self.corrupt)):
+            lg = []
+            with torch.no_grad():
+                for i in range(0, len(ps), batch_size): lg.append(_last_logits(forward(model, to_inputs(model, ps[i:i + batch_size]))).float())
+            lg = torch.cat(lg)
+            ld = logit_diff(lg, self.correct, self.wrong)
+            out[side] = dict(top1=float((lg.argmax(-1).cpu() == self.correct).float().mean()), logit_diff_positive=float((ld > 0).float().mean()),
+                             logit_diff=float(ld.mean()), prob=float(answer_prob(lg, self.correct).mean()))
+        return out
     def __repr__(self): return f"PromptPairs({len(self)} pairs, e.g. {self.clean[0]!r} -> {self.corrupt[0]!r})"
 
 def single_token_names(tok, names=IOI_NAMES)->list:
@@ -264,4 +276,43 @@ def ioi_pairs(tok, n:int=32, seed:int=0, templates=IOI_TEMPLATES, names=None)->P
         if target_len is None: target_len = len(enc(p))
         if len(enc(p)) != target_len or len(enc(q)) != target_len: continue
         cl.append(p); co.append(q); c.append(enc(" " + io)[0]); w.append(enc(" " + s)[0])
+    return PromptPairs(cl, co, torch.tensor(c), torch.tensor(w))
+
+# %% ../nbs/05c_patching.ipynb #a78f310c
+FACTS = {   # relation template -> {subject: answer, one token with its leading space}
+    "The capital of {} is": {
+        "France": " Paris", "Germany": " Berlin", "Italy": " Rome", "Spain": " Madrid", "Japan": " Tokyo",
+        "Russia": " Moscow", "China": " Beijing", "Egypt": " Cairo", "England": " London", "Greece": " Athens",
+        "Austria": " Vienna", "Portugal": " Lisbon", "Poland": " Warsaw", "Ireland": " Dublin", "Norway": " Oslo",
+        "Sweden": " Stockholm", "Canada": " Ottawa", "Australia": " Canberra", "Kenya": " Nairobi", "Cuba": " Havana",
+        "Peru": " Lima", "Iran": " Tehran", "Hungary": " Budapest", "Denmark": " Copenhagen", "Finland": " Helsinki"},
+    "The official language of {} is": {
+        "France": " French", "Germany": " German", "Italy": " Italian", "Spain": " Spanish", "Japan": " Japanese",
+        "Russia": " Russian", "China": " Chinese", "Greece": " Greek", "Poland": " Polish", "Sweden": " Swedish",
+        "Turkey": " Turkish", "Brazil": " Portuguese", "Egypt": " Arabic", "Netherlands": " Dutch", "Korea": " Korean"},
+    "{} is located in the city of": {
+        "The Eiffel Tower": " Paris", "The Colosseum": " Rome", "Big Ben": " London", "The Kremlin": " Moscow",
+        "The Acropolis": " Athens", "The Brandenburg Gate": " Berlin", "The Forbidden City": " Beijing",
+        "The Sagrada Familia": " Barcelona", "The Space Needle": " Seattle", "The Golden Gate Bridge": " San"},
+}
+
+def fact_pairs(tok, relation:str="The capital of {} is", seed:int=0, model:nn.Module|None=None)->PromptPairs:
+    "Factual-recall prompts of one `relation` with one-token answers, each corrupted by another subject of the same token length (distractor: its answer); with `model`, only facts it answers correctly (top-1)"
+    import random
+    if relation not in FACTS: raise ValueError(f"Unknown relation {relation!r}; choose one of {list(FACTS)}.")
+    enc = lambda s: tok.encode(s, add_special_tokens=False)
+    facts = [(s, a) for s, a in FACTS[relation].items() if len(enc(a)) == 1]
+    if model is not None:
+        x = to_inputs(model, [relation.format(s) for s, _ in facts], padding_side="left")
+        with torch.no_grad(): top = forward(model, x).logits[:, -1].argmax(-1).cpu()
+        facts = [f for f, t in zip(facts, top) if int(t) == enc(f[1])[0]]
+    by_len = {}
+    for s, a in facts: by_len.setdefault(len(enc(relation.format(s))), []).append((s, a))
+    group = max(by_len.values(), key=len, default=[])
+    if len(group) < 2: raise ValueError(f"Fewer than two facts of {relation!r} share a token length; nothing to pair.")
+    rng = random.Random(seed)
+    cl, co, c, w = [], [], [], []
+    for s, a in group:
+        s2, a2 = rng.choice([f for f in group if f[1] != a])
+        cl.append(relation.format(s)); co.append(relation.format(s2)); c.append(enc(a)[0]); w.append(enc(a2)[0])
     return PromptPairs(cl, co, torch.tensor(c), torch.tensor(w))
