@@ -13,8 +13,16 @@ _LAZY = {
     "lens": ["top_predictions", "logit_lens"],
     "heads": ["head_census", "HeadCensus", "pattern_scores", "retrieval_scores", "ablation_scores", "head_dla",
               "attention_stats", "needle_tasks", "repeated_tokens", "text_tokens"],
+    "patching": ["activation_patching", "naive_patching", "PatchingResult", "PromptPairs", "ioi_pairs", "fact_pairs",
+                 "single_token_names", "logit_diff", "answer_prob", "answer_loss", "kl_div", "normalise", "KINDS", "HEAD_KINDS", "FACTS"],
+    "ablation": ["ablate_heads", "ablate_mlps", "ablate_attn", "ablate_direction", "Ablation", "DirectionAblation",
+                 "circuit_eval", "CircuitEval", "faithfulness_curve", "FaithfulnessCurve", "rank_heads", "component", "MODES"],
+    "attribution": ["attribution_patching", "AttributionResult", "edge_attribution_patching", "EdgeScores", "agreement", "frozen_params"],
+    "paths": ["path_patching", "PathPatchingResult", "VIAS"],
+    "dla": ["direct_logit_attribution", "DirectLogitAttribution"],
     "report": ["write_report", "report_html"],
     "views.heads": ["attention_explorer_html", "head_heatmap_html", "AttentionExplorer", "HeadHeatmap", "head_views"],
+    "views.patching": ["patching_heatmap_html", "agreement_scatter_html", "circuit_graph_html", "PatchingHeatmap", "CircuitGraph"],
 }
 _WHERE = {name: mod for mod, names in _LAZY.items() for name in names}
 __all__ = sorted(_WHERE)
@@ -24,6 +32,8 @@ def __getattr__(name):
         val = getattr(importlib.import_module(f"headscope.{_WHERE[name]}"), name)
         globals()[name] = val
         return val
-    raise AttributeError(f"module 'headscope' has no attribute {name!r}")
+    import difflib
+    near = difflib.get_close_matches(name, __all__, n=3)
+    raise AttributeError(f"module 'headscope' has no attribute {name!r}" + (f"; did you mean {', '.join(near)}?" if near else ""))
 
 def __dir__(): return sorted(list(globals()) + __all__)

@@ -108,20 +108,16 @@ class AttributionResult:
         return s + ")"
 
     def _repr_html_(self):
-        title = html.escape(repr(self))
-        if self.scores.ndim == 2 and self.axes[1] in ("head", "kv_head"):
-            from headscope.views.heads import head_heatmap_html
-            sc = {f"attribution {self.kind}": self.scores}
-            if self.exact is not None: sc[f"exact {self.kind}"] = self.exact
-            return head_heatmap_html(sc, signed=set(sc), title=title)
-        s = self.scores if self.scores.ndim == 2 else self.scores[:, None]
-        cols = (self.tokens if self.axes[-1] == "pos" and len(self.tokens) == s.shape[1] else
-                [f"{self.axes[-1]} {j}" for j in range(s.shape[1])] if self.scores.ndim == 2 else ["score"])
-        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
-        rows = "".join(f"<tr><th>{i}</th>" + "".join(f"<td style='text-align:right'>{float(x):.3f}</td>" for x in r) + "</tr>"
-                       for i, r in enumerate(s))
-        return (f"<div style='background:#fff;color:#111;padding:6px'><div><b>{title}</b></div>"
-                f"<table><thead><tr><th>{html.escape(self.axes[0])}</th>{head}</tr></thead><tbody>{rows}</tbody></table></div>")
+        "The estimate as a heatmap; with exact scores, the agreement scatter (attribution vs exact) beside it"
+        from headscope.views.patching import patching_heatmap_html, agreement_scatter_html
+        out = patching_heatmap_html(self, title=repr(self))
+        if self.exact is not None:
+            n = self.scores.shape[1] if self.scores.ndim >= 2 else 1
+            names = ([f"L{i // n}H{i % n}" for i in range(self.scores.numel())] if self.axes[:2] == ["layer", "head"] and self.scores.ndim == 2
+                     else [str(tuple(int(j) for j in torch.unravel_index(torch.tensor(i), self.scores.shape))) for i in range(self.scores.numel())])
+            out += agreement_scatter_html(self.exact, self.scores, labels=names, xlabel="exact patching", ylabel="attribution patching",
+                                          title=f"attribution vs exact ({self.kind})")
+        return f"<div style='display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start'>{out}</div>"
 
 # %% ../nbs/05e_attribution.ipynb #dd74f00f
 def attribution_patching(model:nn.Module,
@@ -214,6 +210,11 @@ class EdgeScores:
         out = dict(zip(self.nodes, s.sum(1).tolist()))
         out["logits"] = float(s[:, -1].sum())
         return out
+
+    def _repr_html_(self):
+        "The circuit graph of the strongest edges (threshold: a share of the largest |score|), nodes coloured by `node_scores`"
+        from headscope.views.patching import circuit_graph_html
+        return circuit_graph_html(self.edges(k=60), title=repr(self), node_scores=self.node_scores())
 
     def __repr__(self):
         top = self.edges(3)

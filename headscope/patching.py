@@ -144,11 +144,9 @@ class PatchingResult:
                 f"clean {self.clean:.3f}, corrupt {self.corrupt:.3f}, max {float(self.scores.max()):.3f})")
 
     def _repr_html_(self):
-        if self.scores.ndim == 2 and self.axes[1] in ("head", "kv_head"):
-            from headscope.views.heads import head_heatmap_html
-            return head_heatmap_html({f"patching {self.kind}": self.scores}, signed={f"patching {self.kind}"},
-                                     title=html.escape(repr(self)))
-        return f"<pre>{html.escape(repr(self))}</pre>"
+        "A heatmap with token labels (a position picker for `[layer head pos]` grids), drawn by `headscope.views.patching`"
+        from headscope.views.patching import patching_heatmap_html
+        return patching_heatmap_html(self, title=repr(self))
 
 # %% ../nbs/05c_patching.ipynb #ab4e095a
 def activation_patching(model:nn.Module,

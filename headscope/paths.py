@@ -196,15 +196,18 @@ class PathPatchingResult:
                 f"corrupt {self.corrupt:.3f}{b})")
 
     def _repr_html_(self):
-        t = html.escape(repr(self))
+        "A `[layer head]` heatmap of the scores (or a table of sender groups) and the circuit graph of the strongest paths"
+        from headscope.views.patching import patching_heatmap_html, circuit_graph_html
+        t = repr(self)
         if self.scores.ndim == 2:
-            from headscope.views.heads import head_heatmap_html
-            name = f"path -> {'+'.join(self.receivers)} ({self.via})"
-            return head_heatmap_html({name: self.scores}, signed={name}, title=t,
-                                     descriptions={name: "(patched - clean)/(clean - corrupt): -1 = the path carries the whole clean-vs-corrupt difference"})
-        rows = "".join(f"<tr><td>{html.escape(n)}</td><td style='text-align:right'>{s:+.3f}</td></tr>" for n, s in self.top(len(self.senders)))
-        return (f"<div style='background:#fff;color:#111;padding:6px;display:inline-block'><pre>{t}</pre>"
-                f"<table><tr><th>sender</th><th>score</th></tr>{rows}</table></div>")
+            out = patching_heatmap_html(self.scores, axes=["layer", "head"], title=t)   # NaN (not upstream): blank
+        else:
+            rows = "".join(f"<tr><td>{html.escape(n)}</td><td style='text-align:right'>{s:+.3f}</td></tr>" for n, s in self.top(len(self.senders)))
+            out = (f"<div style='background:#fff;color:#111;padding:6px;display:inline-block'><pre>{html.escape(t)}</pre>"
+                   f"<table><tr><th>sender</th><th>score</th></tr>{rows}</table></div>")
+        es = self.edges()[:40]
+        if es: out += circuit_graph_html(es, title="strongest paths")
+        return f"<div style='display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start'>{out}</div>"
 
 # %% ../nbs/05f_paths.ipynb #3299ae1c
 def path_patching(model:nn.Module,
