@@ -4,7 +4,7 @@
 
 # %% ../nbs/05c_patching.ipynb #bf683fdf
 from __future__ import annotations
-import copy, html, math
+import copy, html, inspect, math
 from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
@@ -108,6 +108,10 @@ def _restorer(group:list, clean:Tensor, K:int, n_pos:int):
 
 def _last_logits(out)->Tensor: return out.logits[:, -1]
 
+def _keep_last(model)->dict:
+    "`logits_to_keep=1` where the model's forward takes it: the unembedding then runs on the final position only"
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
 def _patched_logits(model, corrupt:dict, clean_acts:dict, chunk:list, n_pos:int, past=None)->Tensor:
     "Final-position logits `[B·K d_vocab]` of the corrupted prompts with the targets in `chunk` restored"
     K = len(chunk)
@@ -117,7 +121,7 @@ def _patched_logits(model, corrupt:dict, clean_acts:dict, chunk:list, n_pos:int,
     with torch.no_grad(), hooks(model, fns):
         if past is None:
             x = {k: v.repeat_interleave(K, 0) for k, v in corrupt.items()}
-            return _last_logits(forward(model, x))
+            return _last_logits(forward(model, x, **_keep_last(model)))
         cache = copy.deepcopy(past)
         cache.batch_repeat_interleave(K)
         last = corrupt["input_ids"][:, -1:].repeat_interleave(K, 0)
@@ -170,14 +174,16 @@ def activation_patching(model:nn.Module,
     n_pos = xc["input_ids"].shape[1]
     ts, shape, axes = targets_for(model, kind, n_pos, pos, layers)
     names = sorted({t.name for t in ts})
-    cc = run_with_cache(model, xc, names=names)
-    with torch.no_grad():
-        m_clean = metric(_last_logits(forward(model, xc))).mean()
-        m_corrupt = metric(_last_logits(forward(model, xk))).mean()
+    cc = run_with_cache(model, xc, names=names)               # the clean activations and the clean baseline, one forward
     last_only = all(t.pos == n_pos - 1 for t in ts) and reuse_prefix and n_pos > 1
-    past = None
-    if last_only:
-        with torch.no_grad(): past = model(input_ids=xk["input_ids"][:, :-1], use_cache=True).past_key_values
+    with torch.no_grad():
+        m_clean = metric(cc.logits[:, -1]).mean()
+        if last_only:                                         # one corrupted forward: its baseline and its prefix's KV cache
+            out = model(input_ids=xk["input_ids"], use_cache=True, **_keep_last(model))
+            past = out.past_key_values
+            past.crop(-1)                                     # drop the final token (negative: works on transformers 4.56 and 5)
+        else: out, past = forward(model, xk, **_keep_last(model)), None
+        m_corrupt = metric(_last_logits(out)).mean()
     xk_in = {"input_ids": xk["input_ids"]}
     raw = torch.empty(len(ts))
     bar = tqdm(total=len(ts), desc=f"patching {kind}", disable=not progress, leave=False)
