@@ -16,7 +16,8 @@ from .cache import run_with_cache
 from .lens import pos_index
 
 # %% auto #0
-__all__ = ['STEER_HOOKS', 'SteeringVector', 'diff_in_means', 'pca_direction', 'steering_vector', 'steering_hooks', 'steer']
+__all__ = ['STEER_HOOKS', 'SteeringVector', 'diff_in_means', 'pca_direction', 'steering_vector', 'steering_hooks', 'steer',
+           'head_scaling_hooks', 'scale_heads', 'SteeringSweep', 'steering_sweep']
 
 # %% ../nbs/05j_steering.ipynb #252f4758
 STEER_HOOKS = ("hook_resid_post", "hook_resid_pre")
@@ -228,3 +229,153 @@ def steer(model:nn.Module,
          ):
     "Inside the `with` block, every forward (and `generate()`) of `model` adds `coeff * v_l` at `blocks.{l}.{vector.hook}`"
     with hooks(model, steering_hooks(model, vector, coeff, layers, pos)) as h: yield h
+
+# %% ../nbs/05j_steering.ipynb #d2bbdf35
+def head_scaling_hooks(model:nn.Module, factors:dict)->list:
+    "`[(name, fn)]` scaling each head's `z` by `factors[(l, h)]`"
+    d = model_dims(model)
+    out = []
+    for key, f in factors.items():
+        if not (isinstance(key, tuple) and len(key) == 2): raise ValueError(f"Keys must be (layer, head) pairs, not {key!r}.")
+        l, h = key
+        if not -d.n_layers <= l < d.n_layers: raise IndexError(f"Layer {l} does not exist: the model has layers 0..{d.n_layers-1}.")
+        if not -d.n_heads <= h < d.n_heads: raise IndexError(f"Head {h} does not exist: layers have query heads 0..{d.n_heads-1}.")
+        out.append((f"blocks.{l % d.n_layers}.attn.hook_z", scale(float(f), head=h % d.n_heads)))
+    return out
+
+@contextmanager
+def scale_heads(model:nn.Module,
+                factors:dict,            # {(layer, head): factor}; 0 zero-ablates the head
+               ):
+    "Inside the `with` block, each head's output `z` `[batch pos head d_head]` is multiplied by its factor"
+    with hooks(model, head_scaling_hooks(model, factors)) as h: yield h
+
+# %% ../nbs/05j_steering.ipynb #27094886
+def _fig_html(fig)->str:
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", facecolor="white")
+    plt.close(fig)
+    return f"<img src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'/>"
+
+@dataclass
+class SteeringSweep:
+    "Attribute and utility of a steered model, one entry per coefficient"
+    coeffs:Tensor                 # [coeff]
+    attribute:Tensor              # [coeff] mean attribute (e.g. logit difference) over the prompts
+    perplexity:Tensor             # [coeff] on the neutral text
+    kl:Tensor                     # [coeff] KL(unsteered || steered), mean over positions of the neutral text
+    base_attribute:float          # unsteered
+    base_perplexity:float         # unsteered
+    per_prompt:Tensor|None = None # [coeff batch] the attribute of each prompt
+    label:str = ""
+
+    @property
+    def shift(self)->Tensor:
+        "`[coeff]` attribute minus its unsteered value"
+        return self.attribute - self.base_attribute
+
+    def breakdown_coeff(self, ppl_factor:float=2.0)->float|None:
+        "The first coeff (in sweep order) whose perplexity exceeds `ppl_factor` x the unsteered perplexity; None if none does"
+        for c, p in zip(self.coeffs.tolist(), self.perplexity.tolist()):
+            if not p <= ppl_factor * self.base_perplexity: return c   # NaN/inf count as broken
+        return None
+
+    def __repr__(self):
+        rows = ", ".join(f"{c:g}: {s:+.2f}/{p:.1f}" for c, s, p in zip(self.coeffs.tolist(), self.shift.tolist(), self.perplexity.tolist()))
+        lab = f" {self.label!r}" if self.label else ""
+        return (f"SteeringSweep{lab} (coeff: attribute shift/perplexity) {{{rows}}}; "
+                f"unsteered attribute {self.base_attribute:.2f}, perplexity {self.base_perplexity:.1f}")
+
+    def _repr_html_(self):
+        import matplotlib; import matplotlib.pyplot as plt
+        with matplotlib.rc_context({"text.color": "#111", "axes.labelcolor": "#111", "xtick.color": "#111", "ytick.color": "#111"}):
+            fig, ax = plt.subplots(figsize=(5.2, 3.6), facecolor="white")
+            ax.set_facecolor("white")
+            sh, pp = self.shift.tolist(), self.perplexity.tolist()
+            ax.plot(sh, pp, "-o", color="#2166ac")
+            ax.axhline(self.base_perplexity, color="#888", lw=.8, ls="--")
+            ax.axhline(2 * self.base_perplexity, color="#b2182b", lw=.8, ls=":", label="2x unsteered perplexity")
+            for c, s, p in zip(self.coeffs.tolist(), sh, pp): ax.annotate(f"{c:g}", (s, p), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            if all(p > 0 and math.isfinite(p) for p in pp): ax.set_yscale("log")
+            ax.set_xlabel("attribute shift (steered - unsteered)"); ax.set_ylabel("perplexity on neutral text")
+            ax.set_title(self.label or "steering trade-off", fontsize=10); ax.legend(fontsize=8, loc="upper left")
+            img = _fig_html(fig)
+        rows = "".join(f"<tr><td>{c:g}</td><td>{s:+.3f}</td><td>{p:.2f}</td><td>{k:.4f}</td></tr>"
+                       for c, s, p, k in zip(self.coeffs.tolist(), self.shift.tolist(), self.perplexity.tolist(), self.kl.tolist()))
+        return (f"<div class='hs-sweep' style='background-color:#ffffff;color:#111111;padding:8px'>"
+                f"<div><b>{html.escape(repr(self))}</b></div><div style='display:flex;gap:16px;align-items:flex-start'>{img}"
+                f"<table style='color:#111111;font-size:12px'><tr><th>coeff</th><th>shift</th><th>perplexity</th><th>KL</th></tr>{rows}</table></div></div>")
+
+# %% ../nbs/05j_steering.ipynb #9dfdd48d
+def _word_ids(tok, words, side:str)->Tensor:
+    ids, skipped = [], []
+    for w in ([words] if isinstance(words, str) else words):
+        t = tok.encode(w, add_special_tokens=False)
+        (ids if len(t) == 1 else skipped).append(t[0] if len(t) == 1 else w)
+    if not ids: raise ValueError(f"None of the {side} words is a single token ({skipped}); give words the tokenizer keeps whole, "
+                                 "usually with a leading space (' happy').")
+    return torch.tensor(ids)
+
+def _attribute_fn(model, attribute)->Callable:
+    if callable(attribute): return attribute
+    if not (isinstance(attribute, (tuple, list)) and len(attribute) == 2):
+        raise ValueError("`attribute` must be a pair (positive_words, negative_words) or a callable fn(logits, hook_acts) -> [batch].")
+    tok = getattr(model, "tokenizer", None)
+    if tok is None: raise ValueError("Word lists need `model.tokenizer`.")
+    p, n = _word_ids(tok, attribute[0], "positive"), _word_ids(tok, attribute[1], "negative")
+    return lambda logits, acts: logits[:, p.to(logits.device)].float().mean(-1) - logits[:, n.to(logits.device)].float().mean(-1)
+
+def _next_token(model, x, fn, fwd_hooks)->Tensor:
+    "`fn` of the next-token logits and every layer's resid_post at the last real token: [batch]"
+    L = model_dims(model).n_layers
+    names = [f"blocks.{l}.hook_resid_post" for l in range(L)]
+    c = run_with_cache(model, x, names=names, fwd_hooks=fwd_hooks)
+    idx, rows = pos_index(x, -1), torch.arange(len(x["input_ids"]))
+    acts = {n: c[n][rows, idx] for n in names}
+    return torch.as_tensor(fn(c.logits[rows, idx], acts)).float().cpu()
+
+def _utility(model, x, fwd_hooks, base_logp:Tensor|None):
+    "(mean NLL of the next real token, mean KL(base || this) over real positions, log-probs)"
+    with hooks(model, fwd_hooks), torch.no_grad(): lp = forward(model, x).logits.float().log_softmax(-1)
+    ids = x["input_ids"]
+    m = x.get("attention_mask", torch.ones_like(ids)).bool()
+    pair = m[:, :-1] & m[:, 1:]                                     # predicted token and its context both real
+    nll = -lp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0][pair].double().mean()
+    kl = torch.zeros((), dtype=torch.float64) if base_logp is None else \
+        (base_logp.exp() * (base_logp - lp)).sum(-1)[m].double().mean()
+    return float(nll), float(kl), lp
+
+@torch.no_grad()
+def steering_sweep(model:nn.Module,
+                   vector:SteeringVector,
+                   coeffs,                      # the coefficients to try, e.g. [0, 2, 4, 8, 16]
+                   prompts,                     # where the attribute is read (next-token position)
+                   attribute,                   # (positive_words, negative_words), or fn(logits [batch d_vocab], hook_acts) -> [batch]
+                   utility_text,                # neutral text(s) for perplexity and KL
+                   layers=None,                 # a subset of the vector's layers
+                   pos=None,                    # which tokens are steered (see `steer`)
+                   progress:bool=True,
+                  )->SteeringSweep:
+    "Attribute shift against perplexity and KL on neutral text over a sweep of steering coefficients"
+    _check_vector(model, vector, layers)
+    fn = _attribute_fn(model, attribute)
+    xp = to_inputs(model, prompts, padding_side="left")
+    xu = to_inputs(model, utility_text, padding_side="left")
+    if xu["input_ids"].shape[1] < 2: raise ValueError("The utility text needs at least two tokens to have a perplexity.")
+    base_attr = _next_token(model, xp, fn, [])
+    base_nll, _, base_lp = _utility(model, xu, [], None)
+    cs = [float(c) for c in coeffs]
+    it = cs
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(cs, desc="coeffs", leave=False)
+    attrs, ppl, kls = [], [], []
+    for c in it:
+        hs = steering_hooks(model, vector, c, layers, pos)
+        attrs.append(_next_token(model, xp, fn, hs))
+        nll, kl, _ = _utility(model, xu, hs, base_lp)
+        ppl.append(math.exp(nll)); kls.append(kl)
+    A = torch.stack(attrs)
+    return SteeringSweep(torch.tensor(cs), A.mean(-1), torch.tensor(ppl), torch.tensor(kls), float(base_attr.mean()),
+                         math.exp(base_nll), A, vector.label)

@@ -157,3 +157,64 @@ def test_errors_say_what_is_valid():
     with pytest.raises(ValueError, match="'prompt', 'generated'"):
         with steer(m, steering_vector(torch.ones(64), layers=0), pos="all"): pass
     assert _n_hooks(m) == 0
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_scale_heads_equals_scaled_out_proj(arch):
+    import copy
+    from headscope.steering import scale_heads
+    from headscope.hooking import ablate
+    m = tiny_model(arch, n_layers=2, seed=5)
+    x = to_inputs(m, ["the cat sat on", "a dog"], padding_side="left")
+    dh = m.config.hidden_size // m.config.num_attention_heads if arch != "gpt2" else m.config.n_embd // m.config.n_head
+    m2 = copy.deepcopy(m)
+    with torch.no_grad():
+        for l, h, f in [(0, 1, 0.), (1, 3, 2.5)]:
+            if arch == "gpt2": m2.transformer.h[l].attn.c_proj.weight[h * dh:(h + 1) * dh, :] *= f   # Conv1D: [in out]
+            else: m2.model.layers[l].self_attn.o_proj.weight[:, h * dh:(h + 1) * dh] *= f
+        ref = forward(m2, x).logits
+    with scale_heads(m, {(0, 1): 0., (1, 3): 2.5}), torch.no_grad(): got = forward(m, x).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    with scale_heads(m, {(0, 1): 0.}), torch.no_grad(): z1 = forward(m, x).logits
+    with hooks(m, [("blocks.0.attn.hook_z", ablate(head=1))]), torch.no_grad(): z2 = forward(m, x).logits
+    assert torch.equal(z1, z2)
+    with pytest.raises(IndexError, match=r"heads 0\.\.3"):
+        with scale_heads(m, {(0, 4): 0.}): pass
+    with pytest.raises(IndexError, match=r"layers 0\.\.1"):
+        with scale_heads(m, {(2, 0): 0.}): pass
+    assert _n_hooks(m) == 0
+
+def test_sweep_against_references():
+    import math
+    from headscope.steering import steering_sweep
+    m = tiny_model("gpt2", n_layers=2, seed=0)
+    d = _vec(m, 1, seed=6)
+    sv = steering_vector(d, layers=1)
+    text = "the quick brown fox jumps over the lazy dog"
+    prompts = ["the cat", "a dog sat"]
+    sw = steering_sweep(m, sv, [0, 2, 8], prompts, (["a", "e"], ["x", "z"]), text, progress=False)
+    ids = to_inputs(m, text)["input_ids"]
+    with torch.no_grad():
+        assert abs(math.log(sw.base_perplexity) - float(m(input_ids=ids, labels=ids).loss)) < 1e-5
+        # steered perplexity and KL from a plain HF forward with a hand-written hook, in float64
+        ref_lp = _plain_ref(m, {"input_ids": ids}, 1, d, 8., "hook_resid_post").double().log_softmax(-1)
+        base_lp = m(input_ids=ids).logits.double().log_softmax(-1)
+    nll = -ref_lp[0, :-1].gather(-1, ids[0, 1:, None]).mean()
+    assert abs(math.log(float(sw.perplexity[2])) - float(nll)) < 1e-4
+    kl = (base_lp.exp() * (base_lp - ref_lp)).sum(-1).mean()
+    assert abs(float(sw.kl[2]) - float(kl)) < 1e-4 and float(sw.kl[0]) < 1e-7
+    # the word-list attribute from plain logits of each prompt alone
+    tok = m.tokenizer
+    a, e, xx, z = (tok.encode(w, add_special_tokens=False)[0] for w in "aexz")
+    h = blocks(m)[1].register_forward_hook(lambda mod, args, out: (out[0] + 2 * d,) + tuple(out[1:]) if isinstance(out, tuple) else out + 2 * d)
+    try:
+        with torch.no_grad():
+            ref = torch.stack([(lambda lg: (lg[a] + lg[e]) / 2 - (lg[xx] + lg[z]) / 2)(m(**to_inputs(m, p)).logits[0, -1]) for p in prompts])
+    finally: h.remove()
+    torch.testing.assert_close(sw.per_prompt[1], ref, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="single token"):
+        steering_sweep(m, sv, [0], prompts, (["hello"], ["x"]), text, progress=False)
+    # breakdown: the first coeff past the factor, in sweep order
+    from headscope.steering import SteeringSweep
+    s = SteeringSweep(torch.tensor([0., 1, 2, 4]), torch.zeros(4), torch.tensor([10., 15, 25, float("nan")]), torch.zeros(4), 0., 10.)
+    assert s.breakdown_coeff() == 2. and s.breakdown_coeff(1.2) == 1. and s.breakdown_coeff(3.) == 4.
+    assert "<img src='data:image/png;base64," in s._repr_html_()
