@@ -218,3 +218,14 @@ def test_sweep_against_references():
     s = SteeringSweep(torch.tensor([0., 1, 2, 4]), torch.zeros(4), torch.tensor([10., 15, 25, float("nan")]), torch.zeros(4), 0., 10.)
     assert s.breakdown_coeff() == 2. and s.breakdown_coeff(1.2) == 1. and s.breakdown_coeff(3.) == 4.
     assert "<img src='data:image/png;base64," in s._repr_html_()
+
+@pytest.mark.slow
+def test_smollm2_sentiment_steering(smollm2):
+    from headscope.steering import steering_sweep
+    subj = ["I feel", "Today was", "This movie is", "My friend is"]
+    v = diff_in_means(smollm2, [f"{s} happy" for s in subj], [f"{s} sad" for s in subj], layers=12, progress=False).normalised()
+    words = ([" happy", " great", " good"], [" sad", " bad", " terrible"])
+    sw = steering_sweep(smollm2, v, [-16, 0, 16], ["The meeting this morning was", "My neighbour's garden looks"], words,
+                        "The capital of France is Paris.", progress=False)
+    assert sw.shift[0] < -0.5 and sw.shift[2] > 0.5 and float(sw.shift[1]) == 0.
+    assert sw.breakdown_coeff() is None and float(sw.kl[1]) < 1e-6
