@@ -328,6 +328,8 @@ def _marker_pos(tok, prompt:str, marker:str)->int:
         return hits[-1]
     return len(tok(prompt[:end])["input_ids"]) - 1   # slow tokenizers: the tokens of the prefix that ends with the marker
 
+class _Done(Exception): "Raised by the last hook to stop a forward early"
+
 def _read_index(x:dict, p:Tensor)->Tensor:
     "Padded index `[batch]` of real-token position `p[b]` of each row"
     ids, m = x["input_ids"], x.get("attention_mask")
@@ -365,6 +367,7 @@ def collect_activations(model:nn.Module,
     n_tok = max(len(tok(p)["input_ids"]) for p in prompts)
     est = estimate_cache(model, (min(batch_size, len(prompts)), n_tok), names, dtype=torch.float32)
     out, got = {}, {}
+    last = resolve_names(model, names)[-1]   # forward order: nothing after this hook point is needed
     def keep(name):
         def fn(act, hook):
             a = act.detach()
@@ -373,6 +376,7 @@ def collect_activations(model:nn.Module,
                 v = (a * m).sum(1) / m.sum(1)
             else: v = a[torch.arange(a.shape[0], device=a.device), got["idx"].to(a.device)]
             out.setdefault(name, []).append(v.float().cpu())
+            if name == last: raise _Done   # skip the remaining layers and the unembedding
         return fn
     positions = []
     with _hooks(model, [(n, keep(n)) for n in names]), torch.no_grad():
@@ -384,7 +388,8 @@ def collect_activations(model:nn.Module,
                 got["idx"] = _read_index(x, r)
                 n = got["mask"].sum(-1).cpu()
                 positions.append(torch.where(r < 0, n + r, r))
-            forward(model, x)
+            try: forward(model, x)
+            except _Done: pass
             if verbose and i == 0:
                 kept = len(names) * len(prompts) * (out[names[0]][0][0].numel()) * 4
                 print(f"collect_activations: keeping {_fmt_bytes(kept)} for {len(names)} hook points × {len(prompts)} prompts; "
@@ -436,36 +441,33 @@ def _lbfgs(f,                   # x [B n] -> loss [B]: B independent problems
         x, l, g = xn, ln, gn
     return x.detach(), float(g.abs().amax())
 
-def _standardise(X:Tensor, M:Tensor)->tuple:
-    "Mean and scale `[P U d]` of `X [U N d]` over the rows in each mask `M [P N]`"
-    w = M.to(X.dtype) / M.sum(-1, keepdim=True)
-    mu = torch.einsum("pn,und->pud", w, X)
-    var = torch.einsum("pn,und->pud", w, X * X) - mu * mu
-    sd = var.clamp_min(0).sqrt()
-    return mu, torch.where(sd > 1e-8 * (1 + mu.abs()), sd, torch.ones_like(sd))
-
 def _logits(X:Tensor, W:Tensor, b:Tensor, K:int)->Tensor:
-    "Class logits `[P U N K]` of raw features `X [U N d]` under weights `W [P U d k]`, `b [P U k]`"
+    "Class logits `[P U N K]` of features `X [U N d]` under weights `W [P U d k]`, `b [P U k]`"
     z = torch.einsum("und,pudk->punk", X, W) + b[:, :, None]
     return torch.cat([torch.zeros_like(z), z], -1) if K == 2 else z
 
 def _fit_logreg(X:Tensor, Y:Tensor, M:Tensor, K:int, l2:float, max_iter:int, tol:float)->tuple:
     "Raw-space weights `[P U d k]` and biases `[P U k]` of logistic regressions on `X [U N d]`, labels `Y [P N]`, train masks `M [P N]`"
     (U, N, d), P, k = X.shape, Y.shape[0], 1 if K == 2 else K
-    mu, sd = _standardise(X, M)
+    mu, sd = X.mean(1, keepdim=True), X.std(1, unbiased=False, keepdim=True)
+    sd = torch.where(sd > 1e-8 * (1 + mu.abs()), sd, torch.ones_like(sd))
+    # The penalised optimum lies in the span of the standardised prompts (representer theorem): fit in
+    # the coordinates Z = U S of their SVD, r = min(N, d) features, and map back with V.
+    Us, S, Vh = torch.linalg.svd((X - mu) / sd, full_matrices=False)
+    r = S.shape[-1]
+    D = (S * S / (4 * N) + l2).sqrt()            # preconditioner: the Hessian at zero is diagonal here, S²/4N + l2
+    Z, pen = Us * (S / D)[:, None, :], l2 / D**2  # fit g = D β: logits Z g, penalty l2/2 Σ (g/D)²
     w = (M.to(X.dtype) / M.sum(-1, keepdim=True))[:, None, :].expand(P, U, N)
     Yb = Y[:, None, :].expand(P, U, N)
-    def raw(th):
-        th = th.view(P, U, d + 1, k)
-        W = th[:, :, :d] / sd[..., None]
-        return W, th[:, :, d] - torch.einsum("pud,pudk->puk", mu, W)
     def f(th):
-        W, b = raw(th)
-        z = _logits(X, W, b, K)
+        th = th.view(P, U, r + 1, k)
+        z = _logits(Z, th[:, :, :r], th[:, :, r], K)
         ce = -(z.log_softmax(-1).gather(-1, Yb[..., None])[..., 0] * w).sum(-1)
-        return (ce + l2 / 2 * th.view(P, U, d + 1, k)[:, :, :d].pow(2).sum((-1, -2))).reshape(P * U)
-    th, gmax = _lbfgs(f, torch.zeros(P * U, (d + 1) * k, dtype=X.dtype), max_iter, tol)
-    return *raw(th), gmax
+        return (ce + 0.5 * (pen[:, :, None] * th[:, :, :r].pow(2)).sum((-1, -2))).reshape(P * U)
+    th, gmax = _lbfgs(f, torch.zeros(P * U, (r + 1) * k, dtype=X.dtype), max_iter, tol)
+    th = th.view(P, U, r + 1, k)
+    W = torch.einsum("urd,purk->pudk", Vh, th[:, :, :r] / D[:, :, None]) / sd[None, :, 0, :, None]
+    return W, th[:, :, r] - torch.einsum("ud,pudk->puk", mu[:, 0], W), gmax
 
 def _fit_diff_means(X:Tensor, Y:Tensor, M:Tensor, K:int)->tuple:
     "Nearest-class-mean probes: raw-space weights `[P U d k]` and biases `[P U k]` (binary: the mean difference, midpoint threshold)"
@@ -626,8 +628,8 @@ def train_probes(acts,                      # [layer batch d_model], [layer batc
                  control:bool=True,         # also fit the control task (shuffled labels)
                  seed:int=0,                # for the splits and the shuffle
                  l2:float=1e-2,             # weight decay on standardised weights (logreg)
-                 max_iter:int=500,          # L-BFGS iterations (logreg)
-                 tol:float=1e-7,            # stop when every gradient entry is below this (logreg)
+                 max_iter:int=300,          # L-BFGS iterations (logreg)
+                 tol:float=1e-5,            # stop when every gradient entry is below this (logreg)
                  classes:list|None=None,    # class names (default: from a `LabelledPrompts`, else '0', '1', ...)
                 )->ProbeResult:
     "Fit a probe on every layer (or head) at once, with a held-out split, cross-validation and a control task"
@@ -655,9 +657,13 @@ def train_probes(acts,                      # [layer batch d_model], [layer batc
     masks = [~test] + [fold != f for f in range(F)]
     evals = [test] + [fold == f for f in range(F)]
     Ys = [y] * len(masks)
-    if control:
+    if control:   # shuffled labels, with splits stratified on them (else fold-to-fold class imbalance pushes CV below chance)
         yc = y[torch.randperm(N, generator=g)]
-        masks, evals, Ys = masks * 2, evals * 2, Ys + [yc] * len(masks)
+        tc = _strat_test(yc, test_frac, g)
+        fc = _strat_folds(yc, F, g) if F else None
+        masks += [~tc] + [fc != f for f in range(F)]
+        evals += [tc] + [fc == f for f in range(F)]
+        Ys += [yc] * (1 + F)
     M, E, Y = torch.stack(masks), torch.stack(evals), torch.stack(Ys)
     if kind == "logreg": W, b, _ = _fit_logreg(X, Y, M, K, l2, max_iter, tol)
     else: W, b = _fit_diff_means(X, Y, M, K)
