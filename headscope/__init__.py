@@ -20,9 +20,14 @@ _LAZY = {
     "attribution": ["attribution_patching", "AttributionResult", "edge_attribution_patching", "EdgeScores", "agreement", "frozen_params"],
     "paths": ["path_patching", "PathPatchingResult", "VIAS"],
     "dla": ["direct_logit_attribution", "DirectLogitAttribution"],
+    "probing": ["labelled_prompts", "LabelledPrompts", "collect_activations", "Activations", "train_probes", "ProbeResult", "DATASETS"],
+    "steering": ["SteeringVector", "diff_in_means", "pca_direction", "steering_vector", "steer", "steering_hooks", "scale_heads",
+                 "steering_sweep", "SteeringSweep"],
+    "gact": ["gact_fit", "GACT", "steer_eval"],
     "report": ["write_report", "report_html"],
     "views.heads": ["attention_explorer_html", "head_heatmap_html", "AttentionExplorer", "HeadHeatmap", "head_views"],
     "views.patching": ["patching_heatmap_html", "agreement_scatter_html", "circuit_graph_html", "PatchingHeatmap", "CircuitGraph"],
+    "views.steering": ["steered_generation_html", "steer_generate", "SteeringPlayground"],
 }
 _WHERE = {name: mod for mod, names in _LAZY.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -60,7 +60,7 @@ class _ForwardState:
         self.seq_len = x.shape[1] if x is not None else None
         m = kwargs.get("attention_mask")
         self.mask = m if (isinstance(m, Tensor) and m.ndim == 2) else None
-        pkv = kwargs.get("past_key_values")
+        pkv = kwargs.get("past_key_values", kwargs.get("cache"))    # transformers >= 5.24 passes the KV cache as `cache`
         self.past = pkv.get_seq_length() if (pkv is not None and hasattr(pkv, "get_seq_length")) else 0
         self.batch = x.shape[0] if x is not None else 1
         self.device = x.device if x is not None else "cpu"

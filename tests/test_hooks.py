@@ -168,3 +168,13 @@ def test_thousand_forwards_no_leftovers_no_growth():
     gc.collect(); grow = _rss_mb() - start
     assert hooks_left(m) == [] and m.config._attn_implementation == "sdpa"
     assert grow < 20, f"resident memory grew by {grow:.1f} MiB over 1,000 forwards"
+
+def test_positions_in_cached_generate_unpadded():
+    "One unpadded prompt: transformers may send no attention mask and name the KV cache `cache`; positions must still count on"
+    from headscope.models import tiny_model
+    from headscope.hooking import hooks
+    m = tiny_model("llama", n_layers=2, seed=0)
+    seen = []
+    with hooks(m, [("blocks.0.hook_resid_pre", lambda act, hook: seen.append(hook.positions[0].tolist()))]):
+        m.generate(input_ids=torch.tensor([[5, 9, 13, 17]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert seen == [[0, 1, 2, 3], [4], [5]]
