@@ -555,22 +555,34 @@ class ProbeResult:
     n_train:int = 0
     n_test:int = 0
     chance:float = 0.5    # accuracy of always answering the most frequent class
+    layers:list|None = None  # [grid[0]] the model layers the rows were read at (default 0, 1, ...)
+
+    def __post_init__(self):
+        if self.layers is None: self.layers = list(range(self.grid[0]))
+
+    def _row(self, l:int)->int:
+        "Row of model layer `l`"
+        if l not in self.layers: raise IndexError(f"No probe at layer {l}; probed layers: {self.layers[0]}…{self.layers[-1]} ({len(self.layers)}).")
+        return self.layers.index(l)
 
     def _unit(self, u)->int:
         if isinstance(u, str):
             if u not in self.names: raise KeyError(f"No probe named {u!r}; names run {self.names[0]} … {self.names[-1]}.")
             return self.names.index(u)
-        if isinstance(u, tuple): return u[0] * self.grid[1] + u[1]
-        n = len(self.names)
-        if not -n <= u < n: raise IndexError(f"Probe {u} is out of range: there are {n}.")
-        return u % n
+        if isinstance(u, tuple):
+            if not 0 <= u[1] < self.grid[1]: raise IndexError(f"Head {u[1]} is out of range: there are {self.grid[1]}.")
+            return self._row(u[0]) * self.grid[1] + u[1]
+        if u < 0: u = self.layers[u] if len(self.grid) == 1 else u
+        return self._row(u)
 
     def _score(self)->Tensor: return self.test if torch.isnan(self.cv).all() else self.cv
 
     def best_layer(self):
         "The unit (layer, or `(layer, head)`) with the highest cross-validated accuracy (held-out without folds); ties go to the earliest"
         i = int(self._score().argmax())
-        return i if len(self.grid) == 1 else divmod(i, self.grid[1])
+        if len(self.grid) == 1: return self.layers[i]
+        r, h = divmod(i, self.grid[1])
+        return self.layers[r], h
 
     def direction(self, layer=None,   # int layer, `(layer, head)`, a name like 'L3', or None for `best_layer()`
                   cls:int|None=None,  # for more than two classes: the class whose direction (vs the mean of all) to return
@@ -609,7 +621,7 @@ class ProbeResult:
             L, H = self.grid
             j = self._score().view(L, H).argmax(-1) + torch.arange(L) * H
             s = {k: v[j] for k, v in s.items()}; lo, hi = lo[j], hi[j]
-            xs, xl = list(range(L)), "layer (best head of each layer)"
+            xs, xl = list(self.layers), "layer (best head of each layer)"
         else: xs, xl = [n.lstrip("L") if n.startswith("L") else n for n in self.names], "layer"
         band = None if torch.isnan(self.cv).all() else (lo.tolist(), hi.tolist())
         title = f"{self.kind} probe accuracy, {len(self.classes)} classes ({self.n_train} train / {self.n_test} test)"
@@ -633,7 +645,12 @@ def train_probes(acts,                      # [layer batch d_model], [layer batc
                  classes:list|None=None,    # class names (default: from a `LabelledPrompts`, else '0', '1', ...)
                 )->ProbeResult:
     "Fit a probe on every layer (or head) at once, with a held-out split, cross-validation and a control task"
-    if isinstance(acts, Activations): acts = acts.acts
+    layers = None
+    if isinstance(acts, Activations):               # name rows by the model layers they were read at
+        import re
+        found = [re.match(r"blocks\.(\d+)\.", n) for n in acts.names]
+        if all(found) and len({int(f.group(1)) for f in found}) == len(found): layers = [int(f.group(1)) for f in found]
+        acts = acts.acts
     if isinstance(labels, LabelledPrompts): classes, labels = classes or labels.classes, labels.labels
     if kind not in ("logreg", "diff_means"): raise ValueError(f"Unknown probe kind {kind!r}; valid kinds: 'logreg', 'diff_means'.")
     if acts.ndim not in (3, 4): raise ValueError(f"acts must be [layer batch d_model] or [layer batch head d_head], got shape {tuple(acts.shape)}.")
@@ -647,7 +664,8 @@ def train_probes(acts,                      # [layer batch d_model], [layer batc
         raise ValueError(f"Every class needs at least 2 examples and there must be 2 classes or more; counts per class: {counts.tolist()}.")
     grid = tuple(acts.shape[:1]) if acts.ndim == 3 else (acts.shape[0], acts.shape[2])
     X = (acts if acts.ndim == 3 else acts.transpose(1, 2).reshape(-1, N, acts.shape[-1])).detach().cpu().double()
-    names = [f"L{l}" for l in range(grid[0])] if len(grid) == 1 else [f"L{l}H{h}" for l in range(grid[0]) for h in range(grid[1])]
+    layers = layers or list(range(grid[0]))
+    names = [f"L{l}" for l in layers] if len(grid) == 1 else [f"L{l}H{h}" for l in layers for h in range(grid[1])]
     g = torch.Generator().manual_seed(seed)
     test = _strat_test(y, test_frac, g)
     F = folds if folds and folds > 1 else 0
@@ -678,4 +696,4 @@ def train_probes(acts,                      # [layer batch d_model], [layer batc
     ctl = (a_ev[n1 + 1:].mean(0) if F else ctl_test) if control else nan
     sel = (cv if F else a_ev[0]) - ctl
     return ProbeResult(kind, names, [str(c) for c in (classes or range(K))], a_tr[0], a_ev[0], cv, cv_std, ctl, ctl_test, sel,
-                       W[0], b[0], grid, int((~test).sum()), int(test.sum()), float(counts.max() / N))
+                       W[0], b[0], grid, int((~test).sum()), int(test.sum()), float(counts.max() / N), layers)

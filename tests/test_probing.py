@@ -101,3 +101,15 @@ def test_smollm2_sentiment(smollm2):
     r = train_probes(collect_activations(smollm2, ds, progress=False), ds)
     b = r.best_layer()
     assert float(r.test[b]) > 0.85 and float(r.cv[b]) > 0.85 and float(r.control[b]) < 0.65
+
+def test_layer_subset_keeps_model_layer_numbers():
+    "Probes on a subset of layers are named and addressed by the model's layer numbers, not by row"
+    m = tiny_model("llama", n_layers=3, seed=0)
+    data = labelled_prompts("sentiment", n=24)
+    acts = collect_activations(m, data, "resid_post", layers=[1, 2], progress=False)
+    res = train_probes(acts, data, folds=3)
+    assert res.names == ["L1", "L2"] and res.layers == [1, 2] and res.best_layer() in (1, 2)
+    full = train_probes(collect_activations(m, data, "resid_post", progress=False), data, folds=3)
+    torch.testing.assert_close(res.direction(2), full.direction(2))          # the same probe, addressed by its layer
+    torch.testing.assert_close(res.predict(acts.acts[1], 2), full.predict(acts.acts[1], 2))
+    with pytest.raises(IndexError, match="probed layers: 1"): res.direction(0)
