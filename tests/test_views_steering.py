@@ -1,4 +1,4 @@
-"""The steering playground: its generations checked against plain greedy decoding with a plain PyTorch hook, its
+"""The steering playground: its generations checked against cached greedy decoding with a plain PyTorch hook, its
 static page in headless Chromium (Playwright), and `SteeringPlayground`'s coefficient slider in Voila.
 
 The page fixtures come from test_views_heads: each page test fails if the page asks for anything but file:,
@@ -8,6 +8,7 @@ import os, subprocess, sys, time, urllib.error, urllib.request
 from pathlib import Path
 import pytest
 import torch
+from transformers import DynamicCache
 
 from test_views_heads import allowed, refused, offline, write, free_port        # fixtures and helpers, shared
 from headscope.models import tiny_model
@@ -63,40 +64,54 @@ def toy():
     g = torch.Generator().manual_seed(1)
     return m, SteeringVector({1: torch.randn(64, generator=g) * 4, 2: torch.randn(64, generator=g) * 4}, label="random")
 
+def picks(pos, n0, start, L):
+    "The positions `start..L-1` of a forward over sequence length L that the cached rule picks (n0: prompt length)"
+    ps = [pos] if isinstance(pos, int) else pos
+    return [pos is None or (pos == "prompt" and i < n0) or (pos == "generated" and i >= n0)
+            or (pos not in (None, "prompt", "generated") and any(i == (p if p >= 0 else L + p) for p in ps)) for i in range(start, L)]
+
 def reference(model, prompt, v, layer, coeff, pos, n):
-    "Greedy decoding by hand, no KV cache, with a plain forward hook on the HF block adding coeff*v where `pos` says"
+    "Greedy decoding by hand with the KV cache, with a plain forward hook on the HF block adding coeff*v where the cached rule says"
     ids = to_inputs(model, prompt)["input_ids"][0].tolist()
-    n0 = len(ids)
-    at = lambda i, L: pos is None or (pos == "prompt" and i < n0) or (pos == "generated" and i >= n0) or (isinstance(pos, int) and i == pos % L)
+    n0, kv = len(ids), DynamicCache()
     def hook(mod, args, out):
         h = out[0] if isinstance(out, tuple) else out
-        m = torch.tensor([at(i, h.shape[1]) for i in range(h.shape[1])], dtype=h.dtype)[None, :, None]
+        L = kv.get_seq_length()                                   # this layer has written its keys: the sequence length so far
+        assert L == len(ids)                                      # ... which the loop below also knows
+        m = torch.tensor(picks(pos, n0, L - h.shape[1], L), dtype=h.dtype)[None, :, None]
         h = h + coeff * m * v
         return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
     hd = model.model.layers[layer].register_forward_hook(hook)
     try:
         with torch.no_grad():
+            new = ids
             for _ in range(n):
-                nxt = model(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax().item()
+                nxt = model(torch.tensor([new]), cache=kv, use_cache=True).logits[0, -1].argmax().item()
                 ids.append(nxt)
+                new = [nxt]
                 if nxt == model.config.eos_token_id: break
     finally: hd.remove()
     return _tok_strs(model.tokenizer, torch.tensor(ids[n0:]))
 
 def measured_acted(model, prompt, sv, layer, coeff, pos, n):
-    "Where steering changed the residual stream: read just before and just after `steer`'s own hook, over every forward"
+    """Where steering changed the residual stream during cached `generate()`: read just before and just after `steer`'s
+    own hook, over every forward; positions counted by hand (each forward runs the tokens after the previous ones)"""
     from headscope.steering import steer
-    name, before, hit = f"blocks.{layer}.{sv.hook}", {}, set()
+    name, before, hit, seen = f"blocks.{layer}.{sv.hook}", {}, set(), []
     def rb(act, hook): before["a"] = act.clone()
-    def ra(act, hook): hit.update(hook.positions[0][(act - before["a"]).abs().amax(-1)[0] > 0].tolist())
+    def ra(act, hook):
+        start = sum(seen); seen.append(act.shape[1])
+        hit.update((start + torch.nonzero((act - before["a"]).abs().amax(-1)[0] > 0)[:, 0]).tolist())
     x = to_inputs(model, prompt)
     with hooks(model, [(name, rb)]), steer(model, sv, coeff, layers=[layer], pos=pos), hooks(model, [(name, ra)]), torch.no_grad():
-        out = model.generate(**x, max_new_tokens=n, do_sample=False, use_cache=False)[0]
-    return _tok_strs(model.tokenizer, out[x["input_ids"].shape[1]:]), [i in hit for i in range(len(out))]
+        out = model.generate(**x, max_new_tokens=n, do_sample=False)[0]
+    n0 = x["input_ids"].shape[1]
+    assert seen == [n0] + [1] * (len(out) - n0 - 1)                # cached: the prompt once, then one token a step; the last never
+    return _tok_strs(model.tokenizer, out[n0:]), [i in hit for i in range(len(out))]
 
-@pytest.mark.parametrize("pos", [None, "prompt", "generated", 2, -1])
+@pytest.mark.parametrize("pos", [None, "prompt", "generated", 2, -1, -2, 14, [0, 14, -3]])
 def test_steer_generate(toy, pos):
-    "Both runs match greedy decoding by hand with a plain PyTorch hook; `acted` is where steering changed the residual stream"
+    "Both runs match cached greedy decoding by hand with a plain PyTorch hook; `acted` is where steering changed the residual stream"
     m, sv = toy
     r = steer_generate(m, "Hello there", sv, layer=1, coeff=3.0, pos=pos, max_new_tokens=8)
     assert r["prompt_tokens"] == token_strs(m.tokenizer, to_inputs(m, "Hello there")["input_ids"][0])      # all ASCII

@@ -75,21 +75,21 @@ def steered_generation_html(prompt_tokens:list,     # [pos] the prompt's token s
 
 # %% ../../nbs/05k_views.steering.ipynb #51f207ea
 def _acted(pos, n_prompt:int, n_total:int)->list:
-    "Per token of a generated sequence: was the vector added there by `steer(..., pos=pos)` in some forward of the no-cache loop?"
-    Ls = range(n_prompt, max(n_prompt, n_total - 1) + 1)                 # lengths run; the last generated token never is
-    if pos is None: pick = lambda L: range(L)
+    "Per token of a generated sequence: was the vector added there by `steer(..., pos=pos)` during cached greedy `generate()`?"
+    if pos is None: pick = lambda L: range(L)                            # the positions the rule picks at sequence length L
     elif pos == "prompt": pick = lambda L: range(n_prompt)
     elif pos == "generated": pick = lambda L: range(n_prompt, L)
     else:
         ps = [pos] if isinstance(pos, int) else list(pos)
-        pick = lambda L: [p if p >= 0 else L + p for p in ps if -L <= p < L]
-    hit = {i for L in Ls for i in pick(L)}
-    return [i in hit for i in range(n_total)]
+        pick = lambda L: {p if p >= 0 else L + p for p in ps if -L <= p < L}
+    pre = set(pick(n_prompt))                                            # the prefill runs the prompt, length n_prompt
+    # generated token i runs alone at length i + 1; the last one never runs
+    return [i in pre if i < n_prompt else (i < n_total - 1 and i in pick(i + 1)) for i in range(n_total)]
 
 def _greedy(model, x:dict, max_new_tokens:int)->Tensor:
-    "Greedy continuation token ids `[new]` of the one prompt in `x`"
+    "Greedy continuation token ids `[new]` of the one prompt in `x`: plain cached `generate()`"
     with torch.no_grad():
-        out = model.generate(**x, max_new_tokens=max_new_tokens, do_sample=False, use_cache=False,
+        out = model.generate(**x, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=model.generation_config.pad_token_id or model.generation_config.eos_token_id)
     return out[0, x["input_ids"].shape[1]:].cpu()
 
