@@ -27,7 +27,8 @@ source, `train_steering_vector.py`, `record_activations.py`, `steering_vector.py
   application alone), at all of L and at one layer.
 - (c) greedy `generate` (20 new tokens, one prompt at a time) under each: the same token ids?
 - (d) best-of-N wall time of the extraction and of one steered forward, as ratios. The 2 cores are shared
-  with other jobs; each timed call waits (within a budget) for an idle machine, but the ratios are rough.
+  with other jobs; calls run round robin and each waits (within a budget) for an idle machine, but the
+  ratios are rough. Also a milder generation (coeff `--gen-coeff` at one layer) to show text that still reads.
 
 Writes bench/results/bench_steering_vectors.json and prints one `BENCH_JSON {...}` line."""
 import argparse, json, os, pathlib, sys, time
@@ -68,6 +69,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per contestant (best is kept)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--coeff", type=float, default=4.0)
+    ap.add_argument("--gen-coeff", type=float, default=1.0, help="a milder setting for generation, at one layer")
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--quiet-budget", type=float, default=120, help="seconds in all to wait for an idle machine")
     ap.add_argument("--out", default=str(HERE/"results"/"bench_steering_vectors.json"))
@@ -93,7 +95,7 @@ def main():
     n_layers = model.config.num_hidden_layers
     assert max(LAYERS) < n_layers - 1  # hidden_states[l + 1] is block l's raw output only below the last layer
     quiet = Quiet(a.quiet_budget)
-    res = dict(versions=vers, threads=a.threads, coeff=a.coeff, layers=LAYERS, n_pairs=len(PAIRS), neutral=NEUTRAL)
+    res = dict(versions=vers, threads=a.threads, coeff=a.coeff, gen_coeff=a.gen_coeff, one_layer=ONE_LAYER, layers=LAYERS, n_pairs=len(PAIRS), neutral=NEUTRAL)
 
     # ---------------------------------------------------------------- (a) the vector
     with torch.no_grad():
@@ -147,33 +149,38 @@ def main():
             with v_sv.apply(model, multiplier=a.coeff): o_sv = g()
             with steer(model, v_hs, coeff=a.coeff): o_hs = g()
             with steer(model, same_hs, coeff=a.coeff): o_same = g()
+            with one_sv.apply(model, multiplier=a.gen_coeff): m_sv = g()
+            with steer(model, v_hs, coeff=a.gen_coeff, layers=[ONE_LAYER]): m_hs = g()
             gens.append(dict(prompt=p, same_tokens=bool(torch.equal(o_sv, o_hs)), same_tokens_same_vector=bool(torch.equal(o_sv, o_same)),
+                             same_tokens_mild=bool(torch.equal(m_sv, m_hs)), mild_steering_vectors=tok.decode(m_sv), mild_headscope=tok.decode(m_hs),
                              first_divergence=next((i for i, (s, h) in enumerate(zip(o_sv.tolist(), o_hs.tolist())) if s != h), None),
                              unsteered=tok.decode(plain), steering_vectors=tok.decode(o_sv), headscope=tok.decode(o_hs)))
     res["generation"] = gens
 
     # ---------------------------------------------------------------- (d) timing
-    def best(fn, n):
-        fn()                                          # warm-up
-        ts = []
+    # Round robin (one call of each contestant per round), so a drifting machine hits all alike; the best
+    # call of each, and the median over rounds of the per-round ratio. The extractions are warm from (a).
+    def rounds(fns, n):
+        ts = {k: [] for k in fns}
         for _ in range(n):
-            quiet(); t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
-        return min(ts)
+            for k, fn in fns.items():
+                quiet(2.0); t0 = time.perf_counter(); fn(); ts[k].append(time.perf_counter() - t0)
+        return ts
+    med = lambda xs: sorted(xs)[len(xs) // 2]
     with torch.no_grad():
-        t = dict(
-            extract_sv_bs1=best(lambda: sv.train_steering_vector(model, tok, PAIRS, layers=LAYERS, read_token_index=-1), a.repeats),
-            extract_sv_bs16=best(lambda: sv.train_steering_vector(model, tok, PAIRS, layers=LAYERS, read_token_index=-1, batch_size=16), a.repeats),
-            extract_hs=best(lambda: diff_in_means(model, pos_p, neg_p, layers=LAYERS, pos=-1, progress=False), a.repeats),
-            forward_plain=best(lambda: model(**x).logits, 3 * a.repeats),
-            forward_sv=best(lambda: sv_logits(v_sv, a.coeff), 3 * a.repeats),
-            forward_hs=best(lambda: hs_logits(v_hs, a.coeff), 3 * a.repeats),
-        )
+        ex = rounds(dict(sv_bs1=lambda: sv.train_steering_vector(model, tok, PAIRS, layers=LAYERS, read_token_index=-1),
+                         sv_bs16=lambda: sv.train_steering_vector(model, tok, PAIRS, layers=LAYERS, read_token_index=-1, batch_size=16),
+                         hs=lambda: diff_in_means(model, pos_p, neg_p, layers=LAYERS, pos=-1, progress=False)), a.repeats)
+        fw = rounds(dict(plain=lambda: model(**x).logits, sv=lambda: sv_logits(v_sv, a.coeff),
+                         hs=lambda: hs_logits(v_hs, a.coeff)), 5 * a.repeats)
+    t = {f"extract_{k}": min(v) for k, v in ex.items()} | {f"forward_{k}": min(v) for k, v in fw.items()}
     res["timing_s"] = t
-    res["timing_ratio"] = dict(extract_hs_over_sv_bs1=t["extract_hs"] / t["extract_sv_bs1"],
-                               extract_hs_over_sv_bs16=t["extract_hs"] / t["extract_sv_bs16"],
-                               forward_hs_over_sv=t["forward_hs"] / t["forward_sv"],
-                               forward_sv_over_plain=t["forward_sv"] / t["forward_plain"],
-                               forward_hs_over_plain=t["forward_hs"] / t["forward_plain"])
+    res["timing_ratio"] = dict(
+        extract_hs_over_sv_bs1=(t["extract_hs"] / t["extract_sv_bs1"], med([h / s for h, s in zip(ex["hs"], ex["sv_bs1"])])),
+        extract_hs_over_sv_bs16=(t["extract_hs"] / t["extract_sv_bs16"], med([h / s for h, s in zip(ex["hs"], ex["sv_bs16"])])),
+        forward_hs_over_sv=(t["forward_hs"] / t["forward_sv"], med([h / s for h, s in zip(fw["hs"], fw["sv"])])),
+        forward_sv_over_plain=(t["forward_sv"] / t["forward_plain"], med([h / s for h, s in zip(fw["sv"], fw["plain"])])),
+        forward_hs_over_plain=(t["forward_hs"] / t["forward_plain"], med([h / s for h, s in zip(fw["hs"], fw["plain"])])))
     res["quiet"] = dict(calls=quiet.calls, quiet_calls=quiet.quiet, waited_s=round(quiet.waited, 1))
     res["date_utc"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
@@ -192,14 +199,16 @@ def main():
     for r in gens:
         log(f"  {r['prompt']!r}: same tokens {r['same_tokens']} (same vector: {r['same_tokens_same_vector']})")
         log(f"      unsteered: {r['unsteered']!r}\n      steered:   {r['headscope']!r}")
-    log(f"\n(d) best of {a.repeats} (extraction) / {3 * a.repeats} (forward), {a.threads} threads; shared cores, rough")
+        log(f"      mild (coeff {a.gen_coeff} at layer {ONE_LAYER}): same tokens {r['same_tokens_mild']}: {r['mild_headscope']!r}")
+    log(f"\n(d) best of {a.repeats} rounds (extraction) / {5 * a.repeats} rounds (forward), {a.threads} threads; shared cores, rough")
     for k, v in t.items(): log(f"  {k:<18} {v:8.3f} s")
-    for k, v in res["timing_ratio"].items(): log(f"  {k:<26} {v:6.2f}x")
+    log(f"  {'ratio':<26} {'best/best':>9} {'median paired':>13}")
+    for k, (b, m) in res["timing_ratio"].items(): log(f"  {k:<26} {b:8.2f}x {m:12.2f}x")
     log(f"  quiet machine before {quiet.quiet}/{quiet.calls} timed calls (waited {quiet.waited:.0f} s)")
     out = pathlib.Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     log(f"\nwrote {out}")
-    log("BENCH_JSON " + json.dumps(dict(vector=vec, logits=res["logits"], same_tokens=[g["same_tokens"] for g in gens],
+    log("BENCH_JSON " + json.dumps(dict(vector=vec, logits=res["logits"], same_tokens=[(g["same_tokens"], g["same_tokens_mild"]) for g in gens],
                                         timing_ratio=res["timing_ratio"])))
 
 if __name__ == "__main__": main()
