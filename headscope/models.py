@@ -37,7 +37,8 @@ def byte_tokenizer(padding_side:str="left", # "left" so batched `generate` conti
     tk.add_special_tokens([BOS, EOS, PAD])  # ids 256, 257, 258, in this order
     tk.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[(BOS, 256)])
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=BOS, eos_token=EOS, pad_token=PAD, padding_side=padding_side,
-                                                clean_up_tokenization_spaces=False, model_max_length=TINY_MAX_POS)
+                                                clean_up_tokenization_spaces=False, model_max_length=TINY_MAX_POS,
+                                                model_input_names=["input_ids", "attention_mask"])   # no token_type_ids: 4.x generate() rejects them
 
 # %% ../nbs/00_models.ipynb #bd8485cc
 TINY_ARCHS = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt_neox", "phi3", "olmo2")
@@ -199,7 +200,9 @@ def _convert_gguf(gguf:Path, dest:Path):
 
 def _cached_gguf(gguf:Path, name:str, cache_dir)->Path:
     "The HF folder converted from `gguf`, converting on first use"
-    dest = Path(cache_dir or headscope_cache_dir()).expanduser()/"models"/name
+    major = int(transformers.__version__.split(".")[0])
+    # transformers 5 writes tokenizer configs that 4.x cannot read: keep one folder per major version
+    dest = Path(cache_dir or headscope_cache_dir()).expanduser()/"models"/(name if major >= 5 else f"{name}-transformers{major}")
     if not (dest/"config.json").is_file():
         print(f"headscope: converting {gguf.name} to an HF folder in {dest} (once; later loads take about a second)", file=sys.stderr)
         _convert_gguf(gguf, dest)
