@@ -1,0 +1,1 @@
+"Sparse autoencoders: architectures behind a small registry, SAELens-format checkpoints"
