@@ -84,7 +84,7 @@ def test_stops_early_and_matches_plain_hf():
 def test_shuffled_stream_is_a_permutation(tiny):
     name = "blocks.1.hook_resid_post"
     st = ActivationStore(tiny, name, TEXTS, seq_len=16, batch_size=4, buffer_size=150, seed=3)
-    out = torch.cat(list(st.__iter__(64)))
+    out = torch.cat(list(st.batches(64)))
     ws = torch.stack(list(st.windows()))
     ref = run_with_cache(tiny, ws, names=[name])[name][:, 1:].reshape(-1, 64)
     assert out.shape == ref.shape

@@ -167,11 +167,13 @@ class ActivationStore:
         out, self._buf = self._buf[:n], self._buf[n:]
         return out
 
-    def __iter__(self, n:int=4096):
-        "Batches of `n` shuffled activations until the corpus runs out"
+    def batches(self, n:int=4096):
+        "Batches of `n` shuffled activations until the corpus runs out (the last one may be shorter)"
         while True:
             try: yield self.next_batch(n)
             except StopIteration: return
+
+    def __iter__(self): return self.batches()
 
     def __repr__(self):
         return (f"ActivationStore({self.hook_name}, seq_len={self.seq_len}, batch_size={self.batch_size}, "
