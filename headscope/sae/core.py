@@ -193,6 +193,11 @@ def load_sae(folder:str|Path, device:str|torch.device='cpu')->SAE:
         if not (folder/f).exists(): raise FileNotFoundError(f"{folder/f} not found; an SAE folder holds cfg.json and sae_weights.safetensors")
     d = json.loads((folder/'cfg.json').read_text())
     meta = d.get('metadata') or {}
+    # SAELens options that change encode/decode and that we do not implement: refuse rather than differ
+    odd = {k: d[k] for k, ok in (('normalize_activations', 'none'), ('rescale_acts_by_decoder_norm', False),
+                                 ('reshape_activations', 'none')) if d.get(k, ok) not in (ok, None)}
+    if odd: raise NotImplementedError(f"{folder/'cfg.json'} sets {odd}; headscope reads SAEs with normalize_activations='none', "
+                                      "rescale_acts_by_decoder_norm=false and reshape_activations='none' (fold them first in SAELens)")
     arch = meta.get('training_architecture')
     _load_archs()
     if arch not in SAE_ARCHS: arch = d.get('architecture', 'standard')
