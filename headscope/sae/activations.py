@@ -4,7 +4,7 @@
 
 # %% ../../nbs/05q_sae.activations.ipynb #c26c1cdf
 from __future__ import annotations
-import json, os, math, sys, sysconfig, random
+import json, os, math, sysconfig
 from contextlib import nullcontext
 from itertools import islice
 from pathlib import Path
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn, Tensor
 from tqdm.auto import tqdm
-from ..arch import hook_points, resolve_names, HookNameError
+from ..arch import hook_points, resolve_names
 from ..hooking import hooks, forward
 from ..cache import _fmt_bytes
 
