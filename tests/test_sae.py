@@ -161,6 +161,14 @@ def test_errors(tmp_path):
     with pytest.raises(KeyError, match="lacks \\['threshold'\\]"): load_sae(tmp_path)
     with pytest.raises(FileNotFoundError): load_sae(tmp_path/'none')
 
+@pytest.mark.parametrize('key,val', [('normalize_activations', 'expected_average_only_in'),
+                                     ('rescale_acts_by_decoder_norm', True), ('reshape_activations', 'hook_z')])
+def test_refuses_unimplemented_saelens_options(tmp_path, key, val):
+    save_sae(_sae('topk'), tmp_path)
+    cfg = json.loads((tmp_path/'cfg.json').read_text()); cfg[key] = val
+    (tmp_path/'cfg.json').write_text(json.dumps(cfg))
+    with pytest.raises(NotImplementedError, match=key): load_sae(tmp_path)
+
 def test_core_alone_registers_every_arch():
     "Importing only headscope.sae.core is enough: make_sae imports the architecture modules itself"
     code = ("import sys; import headscope.sae.core as c; assert 'headscope.sae.topk' not in sys.modules; "
