@@ -4,7 +4,7 @@ widgets' Python callbacks.
 Every page is tiny (3 layers x 4 heads x 6 tokens): circuitsvis is slow to draw big views headless. Each page
 test fails if the page asks for anything but file:, data:, blob: or about: URLs, or if a dialog opens (the
 hostile token below would open one if it ever ran as markup)."""
-import os, socket, subprocess, sys, time, urllib.error, urllib.request
+import contextlib, os, socket, subprocess, sys, time, urllib.error, urllib.request
 from pathlib import Path
 import pytest
 import torch
@@ -186,12 +186,11 @@ def free_port()->int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
-@pytest.mark.slow
-def test_widgets_in_voila(offline, allowed, refused, tmp_path):
-    "Live kernel: changing the layer dropdown, then clicking a heatmap button, redraws the Output through Python (~25-35 s)"
-    if not os.environ.get("CI"): pytest.importorskip("voila")
+@contextlib.contextmanager
+def voila_page(source:str, tmp_path, page, allowed, refused):
+    "Serve a one-cell notebook holding `source` with Voila on 127.0.0.1, open it in `page` (offline but for that server), stop the server after"
     import nbformat
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(NOTEBOOK)])
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
     nbformat.write(nb, tmp_path/"nb.ipynb")
     port, bin_ = free_port(), Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_}{os.pathsep}{os.environ.get('PATH', '')}", "JUPYTER_RUNTIME_DIR": str(tmp_path/"rt")}
@@ -207,10 +206,21 @@ def test_widgets_in_voila(offline, allowed, refused, tmp_path):
             except OSError:
                 assert proc.poll() is None and time.time() - t < 60, (tmp_path/"voila.log").read_text()[-3000:]
                 time.sleep(0.2)
-        page = offline
         allowed.append(url)                                                         # this one local server, nothing else
         refused.append("https://cdn.jsdelivr.net/npm/@fortawesome/")                # Voila's own page links Font Awesome from a CDN
         page.goto(url, timeout=120_000)
+        yield page
+    finally:
+        proc.terminate()
+        try: proc.wait(10)
+        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+        log.close()
+
+@pytest.mark.slow
+def test_widgets_in_voila(offline, allowed, refused, tmp_path):
+    "Live kernel: changing the layer dropdown, then clicking a heatmap button, redraws the Output through Python (~25-35 s)"
+    if not os.environ.get("CI"): pytest.importorskip("voila")
+    with voila_page(NOTEBOOK, tmp_path, offline, allowed, refused) as page:
         out = page.locator(".widget-output")
         out.get_by_text("L0H0 · kv0").first.wait_for(timeout=120_000)             # the Python side drew the first head
         out.locator("canvas").first.wait_for(timeout=30_000)                        # and circuitsvis drew it in the Output
@@ -222,8 +232,3 @@ def test_widgets_in_voila(offline, allowed, refused, tmp_path):
         out.get_by_text("L1H3 · kv1").first.wait_for(timeout=30_000)             # the click reached the explorer
         picked = lambda label: page.locator(".widget-dropdown", has_text=label).locator("select option:checked").inner_text().replace("\xa0", " ")   # ipywidgets writes spaces as &nbsp;
         assert (picked("Layer"), picked("Head")) == ("L1", "L1H3 · kv1")           # and set its pickers
-    finally:
-        proc.terminate()
-        try: proc.wait(10)
-        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
-        log.close()

@@ -4,12 +4,11 @@
 The page fixtures come from test_views_heads: each page test fails if the page asks for anything but file:,
 data:, blob: or about: URLs, if a script throws, or if a dialog opens (the hostile token and node names below
 would open one if they ever ran as markup)."""
-import json, math, os, re, subprocess, sys, time, urllib.error, urllib.request
-from pathlib import Path
+import json, math, os, re
 import pytest
 import torch
 
-from test_views_heads import allowed, refused, offline, write, free_port        # fixtures and helpers, shared
+from test_views_heads import allowed, refused, offline, write, voila_page       # fixtures and helpers, shared
 from headscope.views.heads import _RDBU, _NAN, _colour
 from headscope.views.patching import patching_heatmap_html, agreement_scatter_html, circuit_graph_html, _agreement
 
@@ -174,27 +173,7 @@ display(cg)
 def test_circuit_graph_in_voila(offline, allowed, refused, tmp_path):
     "Live kernel: typing a threshold into the FloatSlider redraws the graph through Python (~25-35 s)"
     if not os.environ.get("CI"): pytest.importorskip("voila")
-    import nbformat
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(NOTEBOOK)])
-    nbformat.write(nb, tmp_path/"nb.ipynb")
-    port, bin_ = free_port(), Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_}{os.pathsep}{os.environ.get('PATH', '')}", "JUPYTER_RUNTIME_DIR": str(tmp_path/"rt")}
-    log = open(tmp_path/"voila.log", "wb")
-    # cwd=tmp_path: the kernel must not start in the repo root, whose kernels/ folder shadows Hugging Face's `kernels`
-    proc = subprocess.Popen([str(bin_/"voila"), "nb.ipynb", "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1"],
-                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url, t = f"http://127.0.0.1:{port}/", time.time()
-        while True:
-            try: urllib.request.urlopen(url + "voila/static/", timeout=2); break
-            except urllib.error.HTTPError: break                                       # the server answers
-            except OSError:
-                assert proc.poll() is None and time.time() - t < 60, (tmp_path/"voila.log").read_text()[-3000:]
-                time.sleep(0.2)
-        page = offline
-        allowed.append(url)                                                             # this one local server, nothing else
-        refused.append("https://cdn.jsdelivr.net/npm/@fortawesome/")                    # Voila's own page links Font Awesome from a CDN
-        page.goto(url, timeout=120_000)
+    with voila_page(NOTEBOOK, tmp_path, offline, allowed, refused) as page:
         view = page.locator(".widget-html")
         view.locator("path.hs-edge").first.wait_for(timeout=120_000)                    # the Python side drew the graph
         count = lambda: view.locator("path.hs-edge").count()
@@ -205,8 +184,3 @@ def test_circuit_graph_in_voila(offline, allowed, refused, tmp_path):
         assert "5 of 11 edges" in view.locator(".hs-count").inner_text()                # ... redrawn through the kernel
         assert sorted(view.locator("g.hs-node").evaluate_all("ns => ns.map(n => n.dataset.name)")) == ["L0H1", "L1H2", "L2H0", "L3H1", "L3H3", "embed", "logits"]
         assert view.locator("script").count() == 0                                       # no script in the widget: Python drew it
-    finally:
-        proc.terminate()
-        try: proc.wait(10)
-        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
-        log.close()

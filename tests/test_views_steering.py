@@ -4,13 +4,12 @@ static page in headless Chromium (Playwright), and `SteeringPlayground`'s coeffi
 The page fixtures come from test_views_heads: each page test fails if the page asks for anything but file:,
 data:, blob: or about: URLs, if a script throws, or if a dialog opens (the hostile prompt below would open one if
 it ever ran as markup)."""
-import os, subprocess, sys, time, urllib.error, urllib.request
-from pathlib import Path
+import os
 import pytest
 import torch
 from transformers import DynamicCache
 
-from test_views_heads import allowed, refused, offline, write, free_port        # fixtures and helpers, shared
+from test_views_heads import allowed, refused, offline, write, voila_page       # fixtures and helpers, shared
 from headscope.models import tiny_model
 from headscope.hooking import hooks, to_inputs
 from headscope.lens import token_strs
@@ -155,27 +154,7 @@ display(pg)
 def test_playground_in_voila(offline, allowed, refused, tmp_path):
     "Live kernel: typing a coefficient into the FloatSlider regenerates the steered column through Python (~25-35 s)"
     if not os.environ.get("CI"): pytest.importorskip("voila")
-    import nbformat
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(NOTEBOOK)])
-    nbformat.write(nb, tmp_path/"nb.ipynb")
-    port, bin_ = free_port(), Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_}{os.pathsep}{os.environ.get('PATH', '')}", "JUPYTER_RUNTIME_DIR": str(tmp_path/"rt")}
-    log = open(tmp_path/"voila.log", "wb")
-    # cwd=tmp_path: the kernel must not start in the repo root, whose kernels/ folder shadows Hugging Face's `kernels`
-    proc = subprocess.Popen([str(bin_/"voila"), "nb.ipynb", "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1"],
-                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url, t = f"http://127.0.0.1:{port}/", time.time()
-        while True:
-            try: urllib.request.urlopen(url + "voila/static/", timeout=2); break
-            except urllib.error.HTTPError: break                                       # the server answers
-            except OSError:
-                assert proc.poll() is None and time.time() - t < 60, (tmp_path/"voila.log").read_text()[-3000:]
-                time.sleep(0.2)
-        page = offline
-        allowed.append(url)                                                             # this one local server, nothing else
-        refused.append("https://cdn.jsdelivr.net/npm/@fortawesome/")                    # Voila's own page links Font Awesome from a CDN
-        page.goto(url, timeout=120_000)
+    with voila_page(NOTEBOOK, tmp_path, offline, allowed, refused) as page:
         view = page.locator(".widget-html .hs-steering")
         view.wait_for(timeout=120_000)                                                  # the Python side drew both runs
         steered = lambda: view.locator(".hs-steered span.hs-gen").all_text_contents()
@@ -192,8 +171,3 @@ def test_playground_in_voila(offline, allowed, refused, tmp_path):
         assert view.locator(".hs-unsteered span.hs-gen").all_text_contents() == unsteered
         assert view.locator(".hs-steered .hs-acted").count() == view.locator(".hs-steered span.hs-tok").count() - 1   # pos: all but the last token
         assert page.locator(".widget-html script").count() == 0
-    finally:
-        proc.terminate()
-        try: proc.wait(10)
-        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
-        log.close()
