@@ -10,7 +10,7 @@ import torch
 from torch import nn, Tensor
 from tqdm.auto import tqdm
 from .arch import arch_spec, blocks, get_module, model_dims
-from .hooking import hooks, to_inputs, forward
+from .hooking import hooks, to_inputs, forward, _keep_last
 from .lens import token_strs
 
 # %% auto #0
@@ -204,8 +204,7 @@ def text_tokens(tok,                  # the model's tokenizer
 # %% ../nbs/05a_heads.ipynb #0d433aff
 def _call(model, x:dict):
     "A forward that keeps only the last position's logits where the model allows it"
-    try: return forward(model, x, logits_to_keep=1)
-    except TypeError: return forward(model, x)
+    return forward(model, x, **_keep_last(model))
 
 def _collect(model, ids:Tensor, reduce, targets=None, batch_size:int=8, q_chunk=256, k_chunk=1024, desc=None, progress=True):
     "Run `ids` in batches; in every layer compute `attention_stats` and hand them to `reduce(layer, stats, rows)`"

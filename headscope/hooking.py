@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_hooking.ipynb #742329d0
 from __future__ import annotations
-import sys, weakref
+import inspect, sys, weakref
 from contextlib import contextmanager
 from collections import defaultdict
 from typing import Callable
@@ -403,6 +403,10 @@ def hooks(model:nn.Module, fwd_hooks=(), observe:dict|None=None):
         yield h
     finally:
         h.remove()
+
+def _keep_last(model)->dict:
+    "`logits_to_keep=1` where the model's forward takes it: the unembedding then runs on the final position only"
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 def forward(model:nn.Module, x:dict, **kwargs):
     "One forward of prepared inputs `x`; with padding, position ids count real tokens only (as `generate` does)"

@@ -4,13 +4,13 @@
 
 # %% ../nbs/05c_patching.ipynb #bf683fdf
 from __future__ import annotations
-import copy, html, inspect, math
+import copy, html, math
 from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
 from tqdm.auto import tqdm
 from .arch import model_dims, hook_points
-from .hooking import hooks, to_inputs, forward
+from .hooking import hooks, to_inputs, forward, _keep_last
 from .cache import run_with_cache
 
 # %% auto #0
@@ -107,10 +107,6 @@ def _restorer(group:list, clean:Tensor, K:int, n_pos:int):
     return f
 
 def _last_logits(out)->Tensor: return out.logits[:, -1]
-
-def _keep_last(model)->dict:
-    "`logits_to_keep=1` where the model's forward takes it: the unembedding then runs on the final position only"
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 def _patched_logits(model, corrupt:dict, clean_acts:dict, chunk:list, n_pos:int, past=None)->Tensor:
     "Final-position logits `[B·K d_vocab]` of the corrupted prompts with the targets in `chunk` restored"
