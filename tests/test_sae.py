@@ -175,3 +175,47 @@ def test_core_alone_registers_every_arch():
             "s = c.make_sae('batchtopk', 4, 8, k=2); print(sorted(c.SAE_ARCHS))")
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['batchtopk', 'jumprelu', 'standard', 'topk']"
+
+# --- sparse TopK decode (helper A) ---
+@pytest.mark.parametrize('shape', [(1,), (5,), (2, 7), (3, 1, 4)])
+@pytest.mark.parametrize('k', [1, 3, 8])
+def test_decode_sparse_matches_dense_float64(shape, k):
+    g = torch.Generator().manual_seed(k)
+    sae = make_sae('topk', 9, 17, k=k, seed=k, dtype='float64')
+    with torch.no_grad(): sae.b_dec.copy_(torch.randn(9, generator=g, dtype=torch.float64))
+    vals = torch.randn(*shape, k, generator=g, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, 17, (*shape, k), generator=g)
+    out = sae.decode_sparse(vals, idx)
+    W, b = sae.W_dec.detach().clone().requires_grad_(), sae.b_dec.detach().clone().requires_grad_()
+    v2 = vals.detach().clone().requires_grad_()
+    ref = (v2[..., None] * W[idx]).sum(-2) + b          # independent: explicit gather, [... k d_in]
+    up = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((out * up).sum(), (vals, sae.W_dec, sae.b_dec))
+    want = torch.autograd.grad((ref * up).sum(), (v2, W, b))
+    assert out.shape == (*shape, 9)
+    for a, w in zip((out, *got), (ref, *want)): torch.testing.assert_close(a, w, rtol=1e-12, atol=1e-12)
+
+@pytest.mark.parametrize('arch', ['topk', 'batchtopk'])
+def test_sparse_training_loss_matches_dense(arch):
+    sae = make_sae(arch, 6, 20, k=3, seed=0, dtype='float64', dead_tokens=1)
+    x = torch.randn(11, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    h = sae.pre(x).detach()
+    acts = sae.train().act(h)                              # dense activation, written independently of the sparse path
+    recon = acts @ sae.W_dec.detach() + sae.b_dec.detach()
+    l = sae.loss(x, dead=torch.zeros(20, dtype=torch.bool))
+    torch.testing.assert_close(l['mse'].item(), (recon - x).pow(2).sum(-1).mean().item(), rtol=1e-12, atol=0)
+    assert l['l0'].item() == pytest.approx((acts > 0).sum().item() / 11)
+
+def test_auxk_scale_and_decoder_bias():
+    sae = make_sae('topk', 6, 20, k=3, seed=0, dtype='float64', k_aux=4)
+    with torch.no_grad(): sae.b_dec.normal_()
+    x = torch.randn(7, 6, dtype=torch.float64)
+    dead = torch.zeros(20, dtype=torch.bool); dead[[2, 5]] = True  # 2 dead < k_aux = 4: scale 1/2, k_aux -> 2
+    l = sae.loss(x, dead=dead)
+    Wd, bd = sae.W_dec.detach(), sae.b_dec.detach()
+    h = sae.pre(x).detach()
+    f = torch.where(h >= h.topk(3, -1).values[:, -1:], h, 0.).clamp_min(0)
+    e = x - (f @ Wd + bd)
+    e_hat = h[:, [2, 5]] @ Wd[[2, 5]] + bd                 # both dead latents kept, no ReLU, bias included
+    want = sae.cfg.aux_coeff * 0.5 * (e - e_hat).pow(2).sum(-1).mean()
+    torch.testing.assert_close(l['aux'], want, rtol=1e-10, atol=0)

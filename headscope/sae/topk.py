@@ -6,6 +6,7 @@
 from __future__ import annotations
 import torch
 from torch import nn, Tensor
+import torch.nn.functional as F
 from .core import SAE, SAEConfig, register_sae
 
 # %% auto #0
@@ -16,21 +17,70 @@ def _topk_relu(h:Tensor, k:int)->Tensor:  # [... d] -> [... d], at most k nonzer
     v, i = h.topk(k, dim=-1, sorted=False)
     return torch.zeros_like(h).scatter(-1, i, v.relu())
 
+def _bag(vals:Tensor, idx:Tensor, W:Tensor, offsets:Tensor|None=None)->Tensor:
+    "Σ_j vals_j W[idx_j] per bag: rows of `[n k]` (offsets None) or 1-D runs starting at `offsets`"
+    return F.embedding_bag(idx, W, offsets, mode='sum', per_sample_weights=vals.to(W.dtype))
+
 @register_sae('topk')
 class TopKSAE(SAE):
-    "TopK SAE (Gao et al., 2024) with the AuxK dead-latent loss"
+    "TopK SAE (Gao et al., 2024) with the AuxK dead-latent loss and a sparse training decode"
     def __init__(self, cfg:SAEConfig, seed:int|None=None):
         if not cfg.k or not 0 < cfg.k <= cfg.d_sae: raise ValueError(f"{cfg.architecture} needs 0 < k <= d_sae={cfg.d_sae}; got k={cfg.k}")
         super().__init__(cfg, seed)
     def act(self, h:Tensor)->Tensor: return _topk_relu(h, self.cfg.k)
-    def aux_loss(self, x:Tensor, h:Tensor, acts:Tensor, recon:Tensor, dead:Tensor)->Tensor:
-        "`aux_coeff · ‖e - ê‖²`: the error `e` rebuilt from the top `k_aux` dead latents"
+
+    def encode_topk(self, x:Tensor,      # [... d_in]
+                   )->tuple[Tensor,Tensor]: # vals, idx: [... k] kept activations (ReLU'd) and their latents
+        "The TopK code as values and latent indices, without the dense `[... d_sae]` tensor"
+        v, i = self.pre(x).topk(self.cfg.k, dim=-1, sorted=False)
+        return v.relu(), i
+
+    def decode_sparse(self, vals:Tensor,  # [... k] activations
+                      idx:Tensor,          # [... k] latent indices into `W_dec`'s rows
+                     )->Tensor:            # [... d_in]
+        "`Σ_j vals_j W_dec[idx_j] + b_dec`: gathers only the selected decoder rows (forward and backward)"
+        if vals.shape != idx.shape: raise ValueError(f"vals {tuple(vals.shape)} and idx {tuple(idx.shape)} must have the same shape [... k]")
+        k = vals.shape[-1]
+        out = _bag(vals.reshape(-1, k), idx.reshape(-1, k), self.W_dec)
+        return out.reshape(*vals.shape[:-1], self.cfg.d_in) + self.b_dec
+
+    @torch.no_grad()
+    def _fired(self, n:int, vals:Tensor, idx:Tensor):  # the dead-latent counter, from a sparse code
+        self.tokens_since_fired += n
+        self.tokens_since_fired[idx[vals > 0]] = 0
+
+    def _auxk(self, x:Tensor, h:Tensor, recon:Tensor, dead:Tensor)->Tensor:
         n_dead = int(dead.sum())
-        if n_dead == 0: return acts.new_zeros(())
-        k_aux = min(self.cfg.k_aux or self.cfg.d_in // 2, n_dead)
+        if n_dead == 0: return h.new_zeros(())
+        k_aux = self.cfg.k_aux or self.cfg.d_in // 2
+        scale = min(n_dead / k_aux, 1.)                    # few dead latents: a smaller loss (SAELens, EleutherAI)
+        v, i = h.masked_fill(~dead, float('-inf')).topk(min(k_aux, n_dead), dim=-1, sorted=False)
+        e_hat = _bag(v, i, self.W_dec) + self.b_dec       # no ReLU, bias included: as SAELens
         e = (x - recon).detach()
-        e_hat = _topk_relu(h.masked_fill(~dead, float('-inf')), k_aux) @ self.W_dec
-        return self.cfg.aux_coeff * (e - e_hat).pow(2).sum(-1).mean()
+        return self.cfg.aux_coeff * scale * (e - e_hat).pow(2).sum(-1).mean()
+
+    def aux_loss(self, x:Tensor, h:Tensor, acts:Tensor, recon:Tensor, dead:Tensor)->Tensor:
+        "`aux_coeff · min(n_dead/k_aux, 1) · ‖e - ê‖²`: the error `e` rebuilt from the top `k_aux` dead latents"
+        return self._auxk(x, h, recon, dead)
+
+    def _code(self, h:Tensor):  # [n d_sae] -> (vals, idx, offsets|None): sparse training code
+        v, i = h.topk(self.cfg.k, dim=-1, sorted=False)
+        return v.relu(), i, None
+
+    def loss(self, x:Tensor,              # [... d_in] activations
+             dead:Tensor|None=None,        # [d_sae] bool; None: `dead_mask()`
+            )->dict:                       # scalars: mse, sparsity, aux, total, l0
+        "Training loss with the sparse decode: the same terms as `SAE.loss`"
+        x = x.reshape(-1, self.cfg.d_in)
+        h = self.pre(x)
+        v, i, off = self._code(h)
+        recon = (_bag(v, i, self.W_dec, off) if off is not None else _bag(v, i, self.W_dec)) + self.b_dec
+        if self.training: self._fired(x.shape[0], v, i)
+        dead = self.dead_mask() if dead is None else dead
+        mse = (recon - x).pow(2).sum(-1).mean()
+        aux = self._auxk(x, h, recon, dead)
+        sp = mse.new_zeros(())
+        return dict(mse=mse, sparsity=sp, aux=aux, total=mse + sp + aux, l0=(v > 0).sum() / x.shape[0])
 
 # %% ../../nbs/05o_sae.topk.ipynb #26a61349
 @register_sae('batchtopk')
@@ -47,12 +97,23 @@ class BatchTopKSAE(TopKSAE):
         n = h.numel() // h.shape[-1]
         v, i = flat.topk(min(self.cfg.k * n, flat.numel()), sorted=False)
         return torch.zeros_like(flat).scatter(0, i, v).reshape(h.shape)
+    def _code(self, h:Tensor):  # [n d_sae] -> the batch's k·n kept values, their latents, per-row offsets
+        n, d = h.shape
+        v, i = h.relu().reshape(-1).topk(min(self.cfg.k * n, h.numel()), sorted=False)
+        i, o = i.sort(); v = v[o]                          # row-major: each row's latents form one run
+        return v, i % d, torch.searchsorted(i // d, torch.arange(n, device=h.device))
     @torch.no_grad()
-    def _update(self, acts:Tensor):
-        super()._update(acts)
-        pos = acts[acts > 0]
-        if not pos.numel(): return
-        m = pos.min().to(self.threshold.dtype)   # the smallest activation the batch kept
+    def _ema(self, m:Tensor):
+        "Move the inference threshold towards `m`, the smallest activation a batch kept"
         lr = 1. if self.n_updates == 0 else self.cfg.threshold_lr
-        self.threshold.mul_(1 - lr).add_(lr * m)
+        self.threshold.mul_(1 - lr).add_(lr * m.to(self.threshold.dtype))
         self.n_updates += 1
+    @torch.no_grad()
+    def _fired(self, n:int, vals:Tensor, idx:Tensor):
+        super()._fired(n, vals, idx)
+        pos = vals[vals > 0]
+        self._kept_min = pos.min() if pos.numel() else None   # read by the trainer to sync ranks under DDP
+        if pos.numel(): self._ema(self._kept_min)
+    @torch.no_grad()
+    def _update(self, acts:Tensor):  # the dense path (`SAE.loss`)
+        self._fired(acts.shape[0], acts[acts > 0], (acts > 0).nonzero()[:, -1])
