@@ -33,10 +33,12 @@ class SAEConfig:
     threshold_lr:float=0.01          # BatchTopK: EMA rate of the inference threshold
     bandwidth:float=0.001            # JumpReLU: width of the STE's rectangle kernel
     init_threshold:float=0.001       # JumpReLU: initial threshold
+    d_out:int|None=None              # transcoder: width of the output it writes; None: d_in
+    skip:bool=False                  # transcoder: a linear skip connection `W_skip`
 
 # %% ../../nbs/05m_sae.core.ipynb #ebaffded
 SAE_ARCHS:dict[str,type] = {}
-_ARCH_MODULES = ('relu', 'topk', 'jumprelu')  # modules of headscope.sae that register architectures
+_ARCH_MODULES = ('relu', 'topk', 'jumprelu', 'transcoder')  # modules of headscope.sae that register architectures
 
 def register_sae(name:str):  # the architecture name written to cfg.json
     "Class decorator: register an `SAE` subclass under `name` in `SAE_ARCHS`"
