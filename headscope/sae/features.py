@@ -17,7 +17,8 @@ from .core import SAE
 from .activations import ActivationStore, token_windows
 
 # %% auto #0
-__all__ = ['head_attribution', 'FeatureActivations', 'top_activations', 'LogitEffects', 'decoder_direction', 'logit_effects']
+__all__ = ['head_attribution', 'FeatureActivations', 'top_activations', 'LogitEffects', 'decoder_direction', 'logit_effects',
+           'feature_hook']
 
 # %% ../../nbs/05u_sae.features.ipynb #ab772bd2
 def head_attribution(sae:SAE,     # an SAE on `blocks.{l}.attn.hook_z` (d_in = n_heads * d_head)
@@ -239,3 +240,21 @@ def logit_effects(model:nn.Module, sae:SAE,
     tok = getattr(model, "tokenizer", None)
     ts = (lambda i: token_strs(tok, i)) if tok is not None else (lambda i: [str(x) for x in i.tolist()])
     return LogitEffects(int(f), logits, top, bot, ts(top), ts(bot))
+
+# %% ../../nbs/05u_sae.features.ipynb #3a5c6fb8
+def feature_hook(sae:SAE,
+                 f:int,                 # feature id
+                 mode:str="ablate",     # 'ablate': x - a_f(x) W_dec[f]; 'steer': x + coeff W_dec[f]
+                 coeff:float=1.0,       # steering coefficient
+                )->tuple:               # (hook_name, fn) for `hooks(model, [...])`
+    "A hook that removes feature `f`'s contribution from the SAE's hook point, or adds `coeff` times its decoder row"
+    if mode not in ("ablate", "steer"): raise ValueError(f"mode={mode!r}; valid: 'ablate', 'steer'.")
+    if not 0 <= int(f) < sae.cfg.d_sae: raise ValueError(f"Feature {f} does not exist: the SAE has features 0..{sae.cfg.d_sae - 1}.")
+    if not sae.cfg.hook_name: raise ValueError("The SAE has no cfg.hook_name: feature_hook needs to know where it reads.")
+    f = int(f)
+    def fn(act, hook):
+        x = act.reshape(*act.shape[:2], -1)                      # [batch pos d_in] (hook_z: heads flattened in order)
+        d = sae.W_dec[f].to(x.dtype)
+        delta = coeff * d.expand_as(x) if mode == "steer" else -sae.encode(x.to(sae.W_dec.dtype))[..., f:f + 1].to(x.dtype) * d
+        return (x + delta).reshape(act.shape)
+    return sae.cfg.hook_name, fn

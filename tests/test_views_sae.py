@@ -1,0 +1,167 @@
+"""The SAE feature card in headless Chromium (Playwright), `feature_effect` against a plain PyTorch hook, and
+`FeatureBrowser`'s feature picker and Ablate button in Voila.
+
+The page fixtures come from test_views_heads: each page test fails if the page asks for anything but file:,
+data:, blob: or about: URLs, if a script throws, or if a dialog opens (the hostile tokens below would open one
+if they ever ran as markup)."""
+import math, os
+import pytest
+import torch
+
+from test_views_heads import allowed, refused, offline, write, voila_page       # fixtures and helpers, shared
+from headscope.models import tiny_model
+from headscope.hooking import to_inputs
+from headscope.sae.core import make_sae
+from headscope.sae.features import FeatureActivations, LogitEffects
+from headscope.views.sae import feature_card_html, feature_effect, FeatureBrowser
+
+XSS, IMG = "<script>alert(1)</script>", "<img src=x onerror=alert(2)>"
+VOCAB = ["<bos>", " The", " cat", " sat", XSS, " on", IMG, " mat", "."]
+
+class Tok:
+    "A tokenizer for the toy: id i is VOCAB[i]"
+    def decode(self, ids, **kw): return "".join(VOCAB[i] for i in ids)
+
+def toy_acts():
+    "Two features; feature 7 has two contexts (the first peaking on the <script> token) and a 3-bin histogram"
+    ctx_t = torch.tensor([[[1, 2, 3, 4, 5], [2, 3, 6, 7, 8]], [[-1, 0, 1, 2, 3], [-1, -1, -1, -1, -1]]])
+    nan = math.nan
+    ctx_a = torch.tensor([[[0., 1., 2., 4., 0.], [0., 0., 1.5, 3., 0.]], [[nan, 0., 0., .5, 0.], [nan] * 5]])
+    hist = torch.zeros(2, 6, dtype=torch.long); hist[0, 1:4] = torch.tensor([5, 0, 2]); hist[1, 2] = 1
+    return FeatureActivations(features=torch.tensor([7, 2]), values=torch.tensor([[4., 3.], [.5, 0.]]),
+                              window=torch.tensor([[0, 3], [1, -1]]), pos=torch.tensor([[4, 7], [2, -1]]),
+                              ctx_tokens=ctx_t, ctx_acts=ctx_a, counts=torch.tensor([7, 1]), sums=torch.tensor([14., .5]),
+                              hist=hist, edges=torch.logspace(-2, 1, 7), n_tokens=100, context=(3, 1),
+                              hook_name="blocks.3.attn.hook_z")
+
+SPANS = """() => [...document.querySelectorAll('.hs-context')].map(c => [...c.querySelectorAll('span.hs-tok')].map(s =>
+    [s.textContent, s.className, getComputedStyle(s).backgroundColor]))"""
+
+def test_card(offline, tmp_path):
+    "Contexts shaded by activation with the peak outlined, histogram bars, logit tokens, head bars; hostile tokens stay text"
+    page = offline
+    le = LogitEffects(7, torch.tensor([0., 2., -1., 0., 3., 0., -2., 1., 0.]), torch.tensor([4, 1]), torch.tensor([6, 2]),
+                      [XSS, " The"], [IMG, " cat"])
+    ha = torch.tensor([0.1, 0.6, 0.3, 0.0])
+    page.goto(write(tmp_path, feature_card_html(toy_acts(), 7, Tok(), le, ha)))
+    rows = page.evaluate(SPANS)
+    assert [[t for t, *_ in r] for r in rows] == [[" The", " cat", " sat", XSS, " on"], [" cat", " sat", IMG, " mat", "."]]
+    assert [[i for i, (_, c, _) in enumerate(r) if "hs-peak" in c] for r in rows] == [[3], [3]]
+    assert rows[0][3][2] == "rgb(234, 88, 12)"                     # the max activation (4 of 4): opaque orange
+    assert rows[0][0][2] == rows[0][4][2] == "rgba(234, 88, 12, 0)"     # zero: no shade
+    assert rows[0][2][2] == "rgba(234, 88, 12, 0.5)"                 # 2 of 4
+    assert rows[1][3][2] == "rgba(234, 88, 12, 0.75)"                # second context, same scale (3 of 4)
+    assert page.locator(".hs-context").first.get_attribute("data-value") == "4"
+    bars = page.locator("svg.hs-hist rect.hs-bar")
+    assert [bars.nth(i).get_attribute("data-count") for i in range(bars.count())] == ["5", "0", "2"]
+    h = [bars.nth(i).bounding_box()["height"] for i in (0, 2)]
+    assert h[0] == pytest.approx(2.5 * h[1], rel=0.02)             # heights in proportion to counts
+    assert page.locator(".hs-up .hs-ltok").all_text_contents() == [XSS, " The"]
+    assert page.locator(".hs-down .hs-ltok").all_text_contents() == [IMG, " cat"]
+    heads = page.locator(".hs-headbar")
+    assert [heads.nth(i).inner_text().split()[0] for i in range(4)] == ["L3H0", "L3H1", "L3H2", "L3H3"]
+    w = page.evaluate("[...document.querySelectorAll('.hs-headbar span:nth-child(2)')].map(s => s.getBoundingClientRect().width)")
+    assert w[1] == pytest.approx(6 * w[0], rel=0.02) and w[3] == 0
+    stats = page.inner_text(".hs-stats")
+    assert "fires on 7 of 100 tokens (7%)" in stats and "max 4" in stats and "mean when firing 2" in stats
+    assert page.evaluate("document.querySelectorAll('img').length") == 0 and page.evaluate("document.scripts.length") == 0
+    style = page.evaluate("() => { const c = getComputedStyle(document.querySelector('.hs-feature')); return [c.backgroundColor, c.color]; }")
+    assert style == ["rgb(255, 255, 255)", "rgb(17, 17, 17)"]     # readable on the dark page
+
+def test_card_rare_feature(offline, tmp_path):
+    "A feature that fired once: one context cut at the window's start (nothing drawn before BOS), no logit or head sections"
+    page = offline
+    page.goto(write(tmp_path, feature_card_html(toy_acts(), 2, Tok())))
+    assert page.evaluate(SPANS) == [[["<bos>", "hs-tok", "rgba(234, 88, 12, 0)"], [" The", "hs-tok", "rgba(234, 88, 12, 0)"],
+                                     [" cat", "hs-tok hs-peak", "rgb(234, 88, 12)"], [" sat", "hs-tok", "rgba(234, 88, 12, 0)"]]]
+    assert page.locator(".hs-logits").count() == 0 and page.locator(".hs-headbar").count() == 0
+    assert page.locator("svg.hs-hist rect.hs-bar").count() == 1
+
+# --- ablate and steer against a plain PyTorch hook -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def toy():
+    "A tiny Llama and a random SAE on its layer-1 residual stream, encoder scaled so features are big enough to matter"
+    m = tiny_model("llama", n_layers=2, seed=0)
+    sae = make_sae("standard", 64, 32, seed=0, hook_name="blocks.1.hook_resid_post")
+    with torch.no_grad(): sae.W_enc.mul_(50)
+    return m, sae
+
+def reference(m, sae, f, prompt, mode, coeff):
+    "Next-token log-probs with the residual edited by a forward hook on the HF block, and f's activation per token"
+    ids = to_inputs(m, prompt)["input_ids"]
+    got = {}
+    def hook(mod, args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        a = sae.encode(h)[..., f:f + 1]
+        got["a"] = a[0, :, 0]
+        h = h - a * sae.W_dec[f] if mode == "ablate" else h + coeff * sae.W_dec[f]
+        return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+    hd = m.model.layers[1].register_forward_hook(hook)
+    try:
+        with torch.no_grad(): new = m(ids).logits[0, -1].log_softmax(-1)
+    finally: hd.remove()
+    with torch.no_grad(): clean = m(ids).logits[0, -1].log_softmax(-1)
+    return clean, new, got["a"]
+
+@pytest.mark.parametrize("mode,coeff", [("ablate", 0.), ("steer", 3.), ("steer", -2.)])
+def test_feature_effect(toy, mode, coeff):
+    m, sae = toy
+    r = feature_effect(m, sae, 6, "Hello there", mode, coeff)
+    clean, new, a = reference(m, sae, 6, "Hello there", mode, coeff)
+    torch.testing.assert_close(r["clean"], clean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r["new"], new, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r["acts"], a, rtol=1e-5, atol=1e-6)
+    assert r["kl"] == pytest.approx(float((clean.exp() * (clean - new)).sum()), rel=1e-4)
+    assert r["new"].argmax() != r["clean"].argmax()                  # big enough to change the top token
+
+def test_browser(toy):
+    "Picker and slider stay in step; Ablate draws the effect of the picked feature; a new feature clears it"
+    from headscope.sae.features import top_activations
+    from headscope.sae.activations import python_docs_corpus
+    m, sae = toy
+    fa = top_activations(m, sae, python_docs_corpus()[:30], k=3, seq_len=16, max_windows=6, features=[1, 4, 6], progress=False)
+    fb = FeatureBrowser(m, sae, fa, prompt="Hello there")
+    fb.slider.value = 2
+    assert fb.feature.value == 6 and "data-feature='6'" in fb.card.value and fb.effect.value == ""
+    fb.ablate.click()
+    assert fb.result["f"] == 6 and fb.result["mode"] == "ablate" and "data-mode='ablate'" in fb.effect.value
+    torch.testing.assert_close(fb.result["new"], reference(m, sae, 6, "Hello there", "ablate", 0)[1], rtol=1e-5, atol=1e-5)
+    fb.feature.value = 4
+    assert fb.slider.value == 1 and fb.result is None and "data-feature='4'" in fb.card.value
+    with pytest.raises(KeyError, match="not tracked"): FeatureBrowser(m, sae, fa, f=0)
+
+# --- the live kernel ---------------------------------------------------------------------------------------------
+
+NOTEBOOK = r'''
+import torch
+from headscope.models import tiny_model
+from headscope.sae.core import make_sae
+from headscope.sae.features import top_activations
+from headscope.sae.activations import python_docs_corpus
+from headscope.views.sae import FeatureBrowser
+m = tiny_model("llama", n_layers=2, seed=0)
+sae = make_sae("standard", 64, 32, seed=0, hook_name="blocks.1.hook_resid_post")
+with torch.no_grad(): sae.W_enc.mul_(50)
+fa = top_activations(m, sae, python_docs_corpus()[:30], k=3, seq_len=16, max_windows=6, features=[1, 4, 6], progress=False)
+display(FeatureBrowser(m, sae, fa, prompt="Hello there", f=1))
+'''
+
+@pytest.mark.slow
+def test_browser_in_voila(offline, allowed, refused, tmp_path, toy):
+    "Live kernel: picking a feature redraws its card, clicking Ablate draws that feature's effect, computed in Python (~25-35 s)"
+    if not os.environ.get("CI"): pytest.importorskip("voila")
+    m, sae = toy
+    clean, new, _ = reference(m, sae, 6, "Hello there", "ablate", 0)
+    with voila_page(NOTEBOOK, tmp_path, offline, allowed, refused) as page:
+        page.locator(".widget-html .hs-feature[data-feature='1']").wait_for(timeout=120_000)
+        assert page.locator(".widget-html .hs-effect").count() == 0
+        page.locator(".widget-dropdown", has_text="Feature").locator("select").select_option(label="6")
+        page.locator(".widget-html .hs-feature[data-feature='6']").wait_for(timeout=30_000)
+        page.get_by_role("button", name="Ablate").click()
+        eff = page.locator(".widget-html .hs-effect[data-mode='ablate']")
+        eff.wait_for(timeout=30_000)
+        assert int(eff.get_attribute("data-top")) == int(new.argmax()) != int(clean.argmax())   # the output changed, as the hook says
+        assert float(eff.get_attribute("data-kl")) == pytest.approx(float((clean.exp() * (clean - new)).sum()), rel=1e-3)
+        assert "Feature 6 on the prompt" in eff.inner_text()
+        assert page.locator(".widget-html script").count() == 0
