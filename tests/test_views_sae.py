@@ -138,12 +138,12 @@ import torch
 from headscope.models import tiny_model
 from headscope.sae.core import make_sae
 from headscope.sae.features import top_activations
-from headscope.sae.activations import python_docs_corpus
 from headscope.views.sae import FeatureBrowser
 m = tiny_model("llama", n_layers=2, seed=0)
 sae = make_sae("standard", 64, 32, seed=0, hook_name="blocks.1.hook_resid_post")
 with torch.no_grad(): sae.W_enc.mul_(50)
-fa = top_activations(m, sae, python_docs_corpus()[:30], k=3, seq_len=16, max_windows=6, features=[1, 4, 6], progress=False)
+toks = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(0))
+fa = top_activations(m, sae, toks, k=3, features=[1, 4, 6], progress=False)
 display(FeatureBrowser(m, sae, fa, prompt="Hello there", f=1))
 '''
 
