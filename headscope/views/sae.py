@@ -12,7 +12,7 @@ from ..hooking import to_inputs, hooks, forward
 from ..lens import token_strs
 from ..sae.features import FeatureActivations, LogitEffects, feature_hook, logit_effects
 from .heads import _PANEL, _CTRL, _with_html
-from .steering import _text
+from .steering import _text, _tok_strs
 
 # %% auto #0
 __all__ = ['feature_card_html', 'feature_effect', 'effect_html', 'FeatureBrowser']
@@ -130,7 +130,7 @@ def effect_html(r:dict,       # from `feature_effect`
     clean, new = r["clean"], r["new"]
     amax = float(r["acts"].max())
     prompt = "".join(_tok(t, float(a), amax, False) for t, a in zip(r["tokens"], r["acts"].tolist()))
-    ts = lambda ids: token_strs(tokenizer, ids)
+    ts = lambda ids: _tok_strs(tokenizer, ids)   # a token that is part of a character shows as ‹id›
     def lst(cls, name, ids, fmt):
         return (f"<div class='{cls}' style='flex:1 1 0;min-width:150px'><div style='font-weight:bold;font-size:12px'>{name}</div>"
                 + "".join(f"<div style='font-family:DejaVu Sans Mono,monospace;font-size:12px'><span class='hs-ltok' style='background-color:#f3f4f6'>{_text(t)}</span> "
