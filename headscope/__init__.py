@@ -27,10 +27,20 @@ _LAZY = {
     "sae.core": ["SAE", "SAEConfig", "make_sae", "save_sae", "load_sae", "SAE_ARCHS", "register_sae", "init_b_dec", "geometric_median"],
     "sae.activations": ["ActivationStore", "cache_activations", "DiskActivations", "python_docs_corpus", "stdlib_corpus",
                         "text_corpus", "token_windows"],
+    "sae.relu": ["ReLUSAE"],
+    "sae.topk": ["TopKSAE", "BatchTopKSAE"],
+    "sae.jumprelu": ["JumpReLUSAE"],
+    "sae.train": ["train_sae", "SAETrainLog", "latest_checkpoint", "resample_dead"],
+    "sae.eval": ["splice_hooks", "splice", "evaluate_sae", "SAEMetrics"],
+    "sae.transcoder": ["Transcoder", "TranscoderConfig", "paired_activations", "transcoder_hooks"],
+    "sae.features": ["head_attribution", "top_activations", "FeatureActivations", "logit_effects", "LogitEffects",
+                     "decoder_direction", "feature_hook"],
+    "toys": ["attn_only_model", "train_induction", "repeated_symbols", "random_symbols", "copy_losses"],
     "report": ["write_report", "report_html"],
     "views.heads": ["attention_explorer_html", "head_heatmap_html", "AttentionExplorer", "HeadHeatmap", "head_views"],
     "views.patching": ["patching_heatmap_html", "agreement_scatter_html", "circuit_graph_html", "PatchingHeatmap", "CircuitGraph"],
     "views.steering": ["steered_generation_html", "steer_generate", "SteeringPlayground"],
+    "views.sae": ["feature_card_html", "feature_effect", "FeatureBrowser"],
 }
 _WHERE = {name: mod for mod, names in _LAZY.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -11,14 +11,14 @@ from .models import byte_tokenizer
 from .hooking import hooks, ablate
 
 # %% auto #0
-__all__ = ['SYMBOLS', 'repeated_tokens', 'random_tokens', 'copy_losses', 'ZeroMLP', 'attn_only_model', 'train_induction']
+__all__ = ['SYMBOLS', 'repeated_symbols', 'random_symbols', 'copy_losses', 'ZeroMLP', 'attn_only_model', 'train_induction']
 
 # %% ../nbs/08_toys.ipynb #a9ef6811
 SYMBOLS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"  # 64 one-byte tokens
 
 def _symbol_ids(tok)->Tensor: return torch.tensor(tok(SYMBOLS, add_special_tokens=False)["input_ids"])
 
-def repeated_tokens(n:int,                   # sequences
+def repeated_symbols(n:int,                   # sequences
                     T:int,                   # random tokens before the repeat
                     g:torch.Generator,       # the random source (the data is a function of its state)
                     tok=None,                # a byte tokenizer; None: `byte_tokenizer()`
@@ -29,7 +29,7 @@ def repeated_tokens(n:int,                   # sequences
     r = syms[torch.randint(len(syms), (n, T), generator=g)]
     return torch.cat([torch.full((n, 1), tok.bos_token_id), r, r], 1)
 
-def random_tokens(n:int, L:int, g:torch.Generator, tok=None)->Tensor:  # [batch 1+L]
+def random_symbols(n:int, L:int, g:torch.Generator, tok=None)->Tensor:  # [batch 1+L]
     "`[BOS]` then `L` tokens uniform over `SYMBOLS`, with no structure: text for previous-token scores"
     tok = tok or byte_tokenizer()
     syms = _symbol_ids(tok)
@@ -37,7 +37,7 @@ def random_tokens(n:int, L:int, g:torch.Generator, tok=None)->Tensor:  # [batch 
 
 # %% ../nbs/08_toys.ipynb #33ffb5cf
 def copy_losses(logits:Tensor,   # [batch 1+2T d_vocab]
-                ids:Tensor,      # [batch 1+2T] from `repeated_tokens`
+                ids:Tensor,      # [batch 1+2T] from `repeated_symbols`
                )->tuple:         # (first copy, second copy) mean loss in nats
     "Mean next-token loss on the first copy (targets r_1..r_T) and on the second"
     T = (ids.shape[1] - 1) // 2
@@ -74,11 +74,12 @@ def train_induction(seed:int=2,             # seed of the weights and of the dat
                     bs:int=64,              # sequences per step
                     T_max:int=24,           # the repeat length is drawn from 8..T_max per batch
                     clamp:bool=False,       # zero layer 0's head outputs throughout (no induction can form)
+                    n_heads:int=4,          # heads per layer
                     every:int=25,           # call `on_log` every `every` steps (and after the last)
                     on_log=None,            # `on_log(model, step, fwd_hooks) -> dict|None`, run under no_grad
                    )->tuple:                # (model in eval mode, list of the dicts `on_log` returned)
     "Train `attn_only_model(seed)` on `[BOS] r r` with Adam, on one thread (bit-reproducible)"
-    model, g = attn_only_model(seed), torch.Generator().manual_seed(seed)
+    model, g = attn_only_model(seed, n_heads), torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     fwd = [("blocks.0.attn.hook_z", ablate())] if clamp else []
     log, n_threads = [], torch.get_num_threads()
@@ -89,7 +90,7 @@ def train_induction(seed:int=2,             # seed of the weights and of the dat
                 with torch.no_grad(), hooks(model, fwd): row = on_log(model, step, fwd)
                 if row is not None: log.append(row)
             if step == steps: break
-            ids = repeated_tokens(bs, int(torch.randint(8, T_max + 1, (1,), generator=g)), g, model.tokenizer)
+            ids = repeated_symbols(bs, int(torch.randint(8, T_max + 1, (1,), generator=g)), g, model.tokenizer)
             with hooks(model, fwd):
                 loss = F.cross_entropy(model(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
             opt.zero_grad(); loss.backward(); opt.step()
