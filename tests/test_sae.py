@@ -174,7 +174,7 @@ def test_core_alone_registers_every_arch():
     code = ("import sys; import headscope.sae.core as c; assert 'headscope.sae.topk' not in sys.modules; "
             "s = c.make_sae('batchtopk', 4, 8, k=2); print(sorted(c.SAE_ARCHS))")
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['batchtopk', 'jumprelu', 'standard', 'topk']"
+    assert out.strip() == "['batchtopk', 'jumprelu', 'standard', 'topk', 'transcoder']"
 
 # --- sparse TopK decode (helper A) ---
 @pytest.mark.parametrize('shape', [(1,), (5,), (2, 7), (3, 1, 4)])
