@@ -20,13 +20,17 @@
 3. Reported per contestant: tokens/s (median over repeats; the repeats alternate contestants), the peak RSS growth
    during warm-up + training over the RSS once the data are loaded (`VmHWM`, reset through /proc/self/clear_refs),
    the held-out MSE (sum over d_in, mean over rows), FVU and L0, and the achieved FLOP rate against the machine's
-   fp32 GEMM rate ([4096 576] x [576 4608], best of N, same threads): `enc`: the dense encoder alone,
+   fp32 GEMM rate ([4096 576] x [576 4608], same threads, the best of N in a child of its own and of 10 more at the
+   start of every contestant's child, since a shared machine only ever slows it): `enc`: the dense encoder alone,
    3 x 2 x d_in x d_sae FLOPs per token (forward, grad W_enc, grad of the input through b_dec), the floor every
    contestant pays; `all`: plus that contestant's decoder, 3 x 2 x d_sae x d_in dense or 3 x 2 x k x d_in sparse.
 Settings that differ from either library's default, to make the SAEs the same: SAELens TopK
 `rescale_acts_by_decoder_norm=False` (headscope's TopK does not rescale), headscope `lr_decay=0` (SAELens' default
-schedule is constant). Both keep their own initialisation and their own dead-latent rules; a short run has no
-dead latents in either, so AuxK never runs.
+schedule is constant), and SAELens' b_dec starts at the first batch's geometric median as headscope's does
+(`--saelens-b-dec zeros` for SAELens' own start; from 0, with Adam at lr 3e-4, it needs far more steps to learn the
+mean of SmolLM2's residual stream, whose norm is ~100). Otherwise each keeps its own initialisation (SAELens: decoder
+rows of norm 0.1; headscope: unit rows, renormalised after each step) and its own dead-latent rules; a short run has
+no dead latents in either, so AuxK never runs.
 """
 from __future__ import annotations
 import argparse, json, os, statistics, subprocess, sys, time
@@ -143,6 +147,9 @@ def _sl_train(a, X, steps, seed, sparse):
     else:
         from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=a.d_in, d_sae=a.d_sae, l1_coefficient=a.l1))
+    if a.saelens_b_dec == "median":   # SAELens 6.54 has no b_dec initialisation (it starts at 0); headscope's default
+        from headscope.sae.core import geometric_median
+        with torch.no_grad(): sae.b_dec.copy_(geometric_median(next(_batches(X, a.batch_size, seed))))
     cfg = SAETrainerConfig(total_training_samples=steps * a.batch_size, train_batch_size_samples=a.batch_size,
                            lr=3e-4, lr_end=3e-4, device="cpu")
     SAETrainer(cfg, sae, _batches(X, a.batch_size, seed)).fit()
@@ -153,6 +160,7 @@ def child(a):
     import gc, torch
     torch.set_num_threads(a.threads)
     os.environ["TQDM_DISABLE"] = "1"
+    a.gemm_repeats = 10; g = gemm_rate(a)   # each child measures it too; the best of all measures is used
     X, Xe = load_data(a)
     if a.child == "headscope": import headscope.sae.train   # imports before the baseline: sae_lens alone is ~100s of MiB
     else: import sae_lens, sae_lens.config
@@ -172,7 +180,7 @@ def child(a):
         fvu = ((r - Xe).pow(2).sum() / (Xe - Xe.mean(0)).pow(2).sum()).item()
         l0 = (f != 0).float().sum(-1).mean().item()
     print("CHILD_JSON " + json.dumps(dict(name=a.child, impl=sae.impl, wall=wall, tok_s=a.steps * a.batch_size / wall,
-                                          peak=peak, rss0=rss0, mse=mse, fvu=fvu, l0=l0)), flush=True)
+                                          peak=peak, rss0=rss0, mse=mse, fvu=fvu, l0=l0, gemm=g)), flush=True)
 
 # ---------------------------------------------------------------- parent
 def run_child(a, extra):
@@ -202,34 +210,42 @@ def main(a):
             out = run_child(a, ["--child", n]); res[n].append(out)
             print(f"  round {r}: {n:15s} {out['tok_s']:9,.0f} tok/s  wall {out['wall']:6.1f} s  peak RSS+ "
                   f"{out['peak'] / 2**20:6.0f} MiB  load {' '.join(_loadavg())}", flush=True)
+    g = max([g] + [o["gemm"] for rs in res.values() for o in rs])   # the least disturbed GEMM measure
     enc = 3 * 2 * a.d_in * a.d_sae
     dec = lambda n: 3 * 2 * (a.k if (a.arch == "topk" and n != "saelens") else a.d_sae) * a.d_in
     base = statistics.median(o["tok_s"] for o in res["saelens"]) if "saelens" in res else None
+    best = max(o["tok_s"] for o in res["saelens"]) if "saelens" in res else None
     print(f"\n== {a.arch} SAE d_in {a.d_in} d_sae {a.d_sae}" + (f" k {a.k}" if a.arch == "topk" else f" l1 {a.l1}") +
           f", batch {a.batch_size}, {a.steps} steps (+{a.warmup} warm-up), {a.threads} threads, "
           f"{'synthetic' if a.synthetic else 'SmolLM2 ' + HOOK} ==")
-    hdr = (f"{'contestant':16s} {'tok/s med':>10s} {'min-max':>15s} {'x SAELens':>9s} {'peak RSS+':>9s} "
+    hdr = (f"{'contestant':16s} {'tok/s med':>10s} {'min-max':>15s} {'x SAELens':>9s} {'best x':>6s} {'peak RSS+':>9s} "
            f"{'enc frac':>8s} {'all frac':>8s} {'mse':>8s} {'fvu':>6s} {'L0':>6s}  implementation")
     print(hdr); print("-" * len(hdr))
     summary = {}
     for n in names:
         ts = [o["tok_s"] for o in res[n]]; m = statistics.median(ts); last = res[n][-1]
         peak = max(o["peak"] for o in res[n])
-        summary[n] = dict(tok_s=m, tok_s_all=ts, peak_mib=peak / 2**20, enc_frac=m * enc / g, all_frac=m * (enc + dec(n)) / g,
+        summary[n] = dict(tok_s=m, tok_s_all=ts, x_saelens=m / base if base else None, best_x_saelens=max(ts) / best if best else None, peak_mib=peak / 2**20, enc_frac=m * enc / g, all_frac=m * (enc + dec(n)) / g,
                           mse=last["mse"], fvu=last["fvu"], l0=last["l0"], impl=last["impl"])
         s = summary[n]
-        print(f"{n:16s} {m:10,.0f} {min(ts):7,.0f}-{max(ts):<7,.0f} {(m / base if base else float('nan')):9.2f} "
+        print(f"{n:16s} {m:10,.0f} {min(ts):7,.0f}-{max(ts):<7,.0f} {(m / base if base else float('nan')):9.2f} {(max(ts) / best if best else float('nan')):6.2f} "
               f"{s['peak_mib']:7.0f}Mi {s['enc_frac']:8.2f} {s['all_frac']:8.2f} {s['mse']:8.3g} {s['fvu']:6.3f} "
               f"{s['l0']:6.1f}  {s['impl']}")
     print(f"peak RSS+: max over repeats of the peak resident growth over the RSS once the data are loaded "
           f"({res[names[0]][0]['rss0'] / 2**20:.0f} MiB); enc/all frac: achieved FLOP rate / fp32 GEMM rate "
-          f"({g / 1e9:.1f} GFLOP/s), counting the dense encoder ({enc / 1e6:.1f} MFLOP/token) / plus the decoder "
+          f"({g / 1e9:.1f} GFLOP/s, best over the parent's and each child's measures), counting the dense encoder ({enc / 1e6:.1f} MFLOP/token) / plus the decoder "
           f"(dense {3 * 2 * a.d_sae * a.d_in / 1e6:.1f}, sparse {3 * 2 * (a.k or 0) * a.d_in / 1e6:.2f} MFLOP/token); "
-          f"mse/fvu/L0 on {a.eval_tokens:,} held-out rows after training (last repeat).")
+          f"mse/fvu/L0 on {a.eval_tokens:,} held-out rows after training (last repeat); x SAELens: median over median, "
+          f"best x: best over best (the least disturbed runs on a shared machine).")
     print(f"{quiet}/{a.repeats * len(names)} runs started on a quiet machine; load after: {' '.join(_loadavg())}")
-    print("BENCH_JSON " + json.dumps(dict(arch=a.arch, d_in=a.d_in, d_sae=a.d_sae, k=a.k, steps=a.steps,
-                                          batch=a.batch_size, threads=a.threads, synthetic=a.synthetic,
-                                          gemm_gflops=g / 1e9, results=summary)))
+    out = dict(arch=a.arch, d_in=a.d_in, d_sae=a.d_sae, k=a.k, steps=a.steps, batch=a.batch_size, threads=a.threads,
+               synthetic=a.synthetic, gemm_gflops=g / 1e9, quiet_runs=f"{quiet}/{a.repeats * len(names)}",
+               when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), load_after=_loadavg(), results=summary)
+    print("BENCH_JSON " + json.dumps(out))
+    rp = HERE / "results" / "bench_sae.json"   # merged: one entry per arch and data kind
+    allr = json.loads(rp.read_text()) if rp.exists() else {}
+    allr[f"{a.arch}{'-synthetic' if a.synthetic else ''}"] = out
+    rp.parent.mkdir(exist_ok=True); rp.write_text(json.dumps(allr, indent=1))
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -247,6 +263,9 @@ def parse(argv=None):
     ap.add_argument("--gemm-repeats", type=int, default=20)
     ap.add_argument("--no-sparse", action="store_true", help="skip SAELens with use_sparse_activations=True")
     ap.add_argument("--wait", type=float, default=30.0, help="seconds at most to wait for a quiet machine per run")
+    ap.add_argument("--saelens-b-dec", choices=["median", "zeros"], default="median",
+                    help="SAELens' b_dec before training: the first batch's geometric median, as headscope's default "
+                         "(computed outside its timed fit), or SAELens' own zeros")
     ap.add_argument("--only", nargs="*", help="contestants to run")
     ap.add_argument("--child", help=argparse.SUPPRESS); ap.add_argument("--gemm", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--make-cache", action="store_true", help=argparse.SUPPRESS)
