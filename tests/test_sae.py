@@ -46,7 +46,7 @@ def test_encode_decode_float64(arch, train):
 @pytest.mark.parametrize('arch', ARCHS)
 def test_init(arch):
     sae = make_sae(arch, D_IN, D_SAE, seed=0, k=K)
-    torch.testing.assert_close(sae.W_dec.detach().norm(dim=-1), torch.ones(D_SAE))
+    torch.testing.assert_close(sae.W_dec.detach().norm(dim=-1), torch.full((D_SAE,), 0.1 if arch == 'standard' else 1.0))
     assert torch.equal(sae.W_enc, sae.W_dec.T)
     assert not sae.b_dec.any() and not sae.b_enc.any()
     assert not torch.equal(make_sae(arch, D_IN, D_SAE, seed=1, k=K).W_dec, sae.W_dec)

@@ -65,12 +65,13 @@ def _arch_cls(architecture:str):
 class SAE(nn.Module):
     "Base sparse autoencoder; subclasses define `act` and optionally `sparsity_loss`, `aux_loss`"
     architecture = None
+    init_norm = 1.0   # norm of the initial decoder rows; the ReLU SAE starts smaller (see its chapter)
     def __init__(self, cfg:SAEConfig, seed:int|None=None):
         super().__init__()
         self.cfg = cfg
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=g, dtype=torch.float64)
-        W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True)
+        W_dec = self.init_norm * W_dec / W_dec.norm(dim=-1, keepdim=True)
         dt = getattr(torch, cfg.dtype)
         self.W_dec = nn.Parameter(W_dec.to(dt))
         self.W_enc = nn.Parameter(W_dec.T.contiguous().to(dt))

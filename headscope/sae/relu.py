@@ -15,6 +15,7 @@ __all__ = ['ReLUSAE']
 @register_sae('standard')
 class ReLUSAE(SAE):
     "ReLU SAE with the decoder-norm-weighted L1 penalty (Conerly et al., 2024)"
+    init_norm = 0.1
     def act(self, h:Tensor)->Tensor: return h.relu()
     def sparsity_loss(self, h:Tensor, acts:Tensor)->Tensor:  # acts [n d_sae] -> scalar
         "`l1_coeff · Σ_i f_i ‖W_dec[i]‖`, averaged over rows"
