@@ -84,7 +84,7 @@ def toy():
     "A tiny Llama and a random SAE on its layer-1 residual stream, encoder scaled so features are big enough to matter"
     m = tiny_model("llama", n_layers=2, seed=0)
     sae = make_sae("standard", 64, 32, seed=0, hook_name="blocks.1.hook_resid_post")
-    with torch.no_grad(): sae.W_enc.mul_(50)
+    with torch.no_grad(): sae.W_dec.mul_(10); sae.W_enc.mul_(500)   # unit decoder rows (the standard SAE starts at 0.1), big codes
     return m, sae
 
 def reference(m, sae, f, prompt, mode, coeff):
@@ -141,7 +141,7 @@ from headscope.sae.features import top_activations
 from headscope.views.sae import FeatureBrowser
 m = tiny_model("llama", n_layers=2, seed=0)
 sae = make_sae("standard", 64, 32, seed=0, hook_name="blocks.1.hook_resid_post")
-with torch.no_grad(): sae.W_enc.mul_(50)
+with torch.no_grad(): sae.W_dec.mul_(10); sae.W_enc.mul_(500)
 toks = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(0))
 fa = top_activations(m, sae, toks, k=3, features=[1, 4, 6], progress=False)
 display(FeatureBrowser(m, sae, fa, prompt="Hello there", f=1))
