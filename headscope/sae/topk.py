@@ -8,6 +8,7 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from .core import SAE, SAEConfig, register_sae
+from ..kernels.sparse_decode import sparse_decode
 
 # %% auto #0
 __all__ = ['TopKSAE', 'BatchTopKSAE']
@@ -19,7 +20,7 @@ def _topk_relu(h:Tensor, k:int)->Tensor:  # [... d] -> [... d], at most k nonzer
 
 def _bag(vals:Tensor, idx:Tensor, W:Tensor, offsets:Tensor|None=None)->Tensor:
     "Σ_j vals_j W[idx_j] per bag: rows of `[n k]` (offsets None) or 1-D runs starting at `offsets`"
-    return F.embedding_bag(idx, W, offsets, mode='sum', per_sample_weights=vals.to(W.dtype))
+    return sparse_decode(vals, idx, W, offsets)   # Triton on CUDA, `F.embedding_bag` elsewhere
 
 @register_sae('topk')
 class TopKSAE(SAE):
