@@ -12,17 +12,16 @@ from tqdm.auto import tqdm
 from .arch import arch_spec, blocks, get_module, model_dims
 from .hooking import hooks, to_inputs, forward, _keep_last
 from .lens import token_strs
+from .kernels import attention_with_stats
+from .kernels.attention_stats import STAT_NAMES
 
 # %% auto #0
-__all__ = ['STAT_NAMES', 'PATTERN_SCORES', 'CAUSAL_SCORES', 'SCORE_DESCRIPTIONS', 'DEFAULT_ROLES', 'AttentionStats',
-           'attention_stats', 'stats_from_pattern', 'max_positions', 'repeated_tokens', 'default_text', 'text_tokens',
-           'pattern_scores', 'NeedleTask', 'needle_tasks', 'RetrievalResult', 'retrieval_scores', 'ablation_scores',
-           'head_out_weights', 'fold_norm', 'head_dla', 'HeadCensus', 'head_census']
+__all__ = ['PATTERN_SCORES', 'CAUSAL_SCORES', 'SCORE_DESCRIPTIONS', 'DEFAULT_ROLES', 'AttentionStats', 'attention_stats',
+           'stats_from_pattern', 'max_positions', 'repeated_tokens', 'default_text', 'text_tokens', 'pattern_scores',
+           'NeedleTask', 'needle_tasks', 'RetrievalResult', 'retrieval_scores', 'ablation_scores', 'head_out_weights',
+           'fold_norm', 'head_dla', 'HeadCensus', 'head_census']
 
 # %% ../nbs/05a_heads.ipynb #6d2d121f
-STAT_NAMES = ("sink", "prev", "target", "entropy", "n_keys", "distance", "argmax", "max_weight",
-              "prev_nobos", "target_nobos", "entropy_nobos", "distance_nobos")
-
 @dataclass
 class AttentionStats:
     "Per-head, per-query statistics of attention rows; every field is `[batch head q_pos]`"
@@ -31,12 +30,6 @@ class AttentionStats:
     prev_nobos:Tensor; target_nobos:Tensor; entropy_nobos:Tensor; distance_nobos:Tensor
 
     def __repr__(self): return f"AttentionStats([batch head q_pos] = {list(self.sink.shape)})"
-
-def _allowed(mask, b0, q0, q1, k0, k1, qi, kj):
-    "Boolean `[batch|1 1 q k]` tile of the keys each query may see"
-    if mask is None: return (kj[None, :] <= qi[:, None])[None, None]
-    t = mask[:, :, q0:q1, k0:k1]
-    return t if t.dtype == torch.bool else t > torch.finfo(t.dtype).min / 2
 
 def attention_stats(q:Tensor,                 # [batch head q_pos d_head] queries (after rotary)
                     k:Tensor,                 # [batch kv_head k_pos d_head] keys (the model's own KV heads)
@@ -48,73 +41,8 @@ def attention_stats(q:Tensor,                 # [batch head q_pos d_head] querie
                     k_chunk:int=1024,
                    )->AttentionStats:
     "Statistics of every attention row from `q` and `k` in `[q_chunk k_chunk]` tiles, never forming the pattern"
-    b, h, nq, d = q.shape
-    nkv, nk = k.shape[1], k.shape[2]
-    if h % nkv: raise ValueError(f"{h} query heads cannot share {nkv} key/value heads evenly.")
-    g, off = h // nkv, nk - nq                       # GQA group size; with a KV cache, query i sits at key position off+i
-    scaling = d ** -0.5 if scaling is None else scaling
-    f32 = dict(dtype=torch.float32, device=q.device)
-    qg = q.float().reshape(b, nkv, g, nq, d)
-    kf = k.float()
-    if targets is None: targets = torch.full((b, nq), -1, dtype=torch.long, device=q.device)
-    out = {n: torch.empty(b, h, nq, **f32) for n in STAT_NAMES}
-    out["argmax"] = torch.empty(b, h, nq, dtype=torch.long, device=q.device)
-    for q0 in range(0, nq, q_chunk):
-        q1 = min(q0 + q_chunk, nq); c = q1 - q0
-        qi = torch.arange(q0, q1, device=q.device) + off                         # absolute query positions
-        tgt = {"sink": torch.zeros(b, c, dtype=torch.long, device=q.device), "prev": (qi - 1).expand(b, c),
-               "target": targets[:, q0:q1]}
-        z = {n: torch.zeros(b, nkv, g, c, **f32) for n in ("Z", "S", "D", "Zn", "Sn", "Dn", "cnt", "sink", "prev", "target", "best")}
-        m = torch.full((b, nkv, g, c), -math.inf, **f32)
-        arg = torch.zeros(b, nkv, g, c, dtype=torch.long, device=q.device)
-        hi = int(qi.max()) + 1 if mask is None else nk                          # causal: later keys are never seen
-        for k0 in range(0, hi, k_chunk):
-            k1 = min(k0 + k_chunk, hi)
-            kj = torch.arange(k0, k1, device=q.device)
-            s = torch.einsum("bvgqd,bvkd->bvgqk", qg[:, :, :, q0:q1], kf[:, :, k0:k1]) * scaling
-            if softcap is not None: s = torch.tanh(s / softcap) * softcap
-            ok = _allowed(mask, 0, q0, q1, k0, k1, qi, kj)[:, :, None]            # [b|1 1 1 c kc]
-            s = s.masked_fill(~ok, -math.inf)
-            m_new = torch.maximum(m, s.amax(-1))
-            safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            a = torch.exp(m - safe)                                                # rescales the old sums (0 when m was -inf)
-            dm = torch.where(torch.isinf(m), torch.zeros_like(m), m - safe)
-            e = torch.exp(s - safe[..., None])                                     # masked keys: exp(-inf) = 0
-            sr = torch.where(ok, s - safe[..., None], torch.zeros_like(s))         # s - m, 0 where masked (avoids 0 * inf)
-            dist = (qi[:, None] - kj[None, :]).abs().float()
-            en = e.clone()
-            if k0 == 0: en[..., 0] = 0                                             # the row without key 0
-            z["S"] = a * (z["S"] + dm * z["Z"]) + (e * sr).sum(-1)
-            z["Sn"] = a * (z["Sn"] + dm * z["Zn"]) + (en * sr).sum(-1)
-            z["Z"] = a * z["Z"] + e.sum(-1); z["Zn"] = a * z["Zn"] + en.sum(-1)
-            z["D"] = a * z["D"] + (e * dist).sum(-1); z["Dn"] = a * z["Dn"] + (en * dist).sum(-1)
-            z["cnt"] += ok.expand_as(s).sum(-1)
-            for n, t in tgt.items():                                                # one gathered weight per query
-                inside = (t >= k0) & (t < k1)
-                idx = (t - k0).clamp(0, k1 - k0 - 1)[:, None, None, :, None].expand(b, nkv, g, c, 1)
-                z[n] = a * z[n] + e.gather(-1, idx)[..., 0] * inside[:, None, None]
-            cm, ci = s.max(-1)
-            better = cm > m
-            arg = torch.where(better, ci + k0, arg)
-            m = m_new
-        Z, Zn = z["Z"], z["Zn"]
-        r = lambda x: x.reshape(b, h, c)
-        w = lambda n: r(z[n] / Z)
-        out["sink"][:, :, q0:q1], out["prev"][:, :, q0:q1], out["target"][:, :, q0:q1] = w("sink"), w("prev"), w("target")
-        out["entropy"][:, :, q0:q1] = r(torch.log(Z) - z["S"] / Z)
-        out["distance"][:, :, q0:q1] = w("D")
-        out["n_keys"][:, :, q0:q1] = r(z["cnt"])
-        out["argmax"][:, :, q0:q1] = r(arg)
-        out["max_weight"][:, :, q0:q1] = r(1 / Z)                                  # exp(m - m) / Z
-        nz = Zn > 0
-        Zs = torch.where(nz, Zn, torch.ones_like(Zn))
-        # renormalised without key 0; NaN where key 0 was the only key
-        out["entropy_nobos"][:, :, q0:q1] = r(torch.where(nz, torch.log(Zs) - z["Sn"] / Zs, torch.nan))
-        out["distance_nobos"][:, :, q0:q1] = r(torch.where(nz, z["Dn"] / Zs, torch.nan))
-        for n in ("prev", "target"):
-            keep = tgt[n] != 0                                                      # key 0 has no weight after renormalising
-            out[f"{n}_nobos"][:, :, q0:q1] = r(torch.where(nz, z[n] * keep[:, None, None] / Zs, torch.nan))
-    return AttentionStats(**out)
+    _, st = attention_with_stats(q, k, None, mask, scaling, softcap, targets, None, q_chunk, k_chunk)
+    return AttentionStats(**st)
 
 # %% ../nbs/05a_heads.ipynb #fad38ced
 def stats_from_pattern(A:Tensor,                # [batch head q_pos k_pos] attention pattern

@@ -26,10 +26,14 @@ import contextlib, contextvars, functools, importlib, os
 import torch
 
 __all__ = ["HAS_TRITON", "has_triton", "interpreting", "backend_for", "pick", "force_backend", "OPS",
-           "scale_rows", "scale_rows_reference"]
+           "scale_rows", "scale_rows_reference", "attention_with_stats", "attention_with_stats_reference",
+           "sparse_decode", "sparse_decode_reference", "stat_topk", "stat_topk_reference"]
 
 BACKENDS = ("triton", "torch")
-OPS = {"scale_rows": "row_scale"}  # public op name -> module in this package that defines it
+OPS = {"scale_rows": "row_scale",                        # public op name -> module in this package that defines it
+       "attention_with_stats": "attention_stats",        # flash-style attention + per-head row statistics (head census)
+       "sparse_decode": "sparse_decode",                 # TopK/BatchTopK SAE decode as a gather of k decoder rows
+       "stat_topk": "stat_topk"}                         # statistical top-k: a Gaussian-quantile threshold per row
 _forced = contextvars.ContextVar("headscope_kernels_backend", default=None)
 
 @functools.cache

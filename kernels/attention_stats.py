@@ -1,0 +1,373 @@
+"""Attention with per-head row statistics, flash-style: the output and a census of every row, O(n) memory.
+
+`attention_with_stats(q, k, v, ...)` returns the attention output (optional: pass `v=None` for the
+statistics alone) and, for every batch row, query head and query position, the statistics the head
+census reads (`STAT_NAMES`): the mass on the first key (`sink`), on the previous key (`prev`), on a
+key chosen per query (`target`: induction, duplicate-token and needle scores), the entropy, the
+number of visible keys, the mean attention distance, the arg-max key and its weight, and the same
+with key 0 removed and the row renormalised (`*_nobos`). Optional per-head gates scale each head's
+output (0 = zero-ablation), batched as `[batch head]` so one launch runs one ablation per row.
+
+The pattern `A[i,j] = exp(s_ij - L_i)` is never formed. Keys are visited in tiles with the online
+softmax of FlashAttention (Dao et al., 2022): a running maximum `m`, and every running sum rescaled
+by `exp(m_old - m_new)` when `m` grows. The sums kept per row are
+
+    Z  = Σ_j e_j                  e_j = exp(s_j - m)
+    S  = Σ_j e_j (s_j - m)        entropy = log Z - S / Z     (rescaled as S <- a(S + Δm Z) + ...)
+    D  = Σ_j e_j |i - j|          distance = D / Z
+    sink, prev, target = e_j at j = 0, i-1, t_i             (one masked sum each)
+    Zn, Sn, Dn: the same without key 0                    (the `*_nobos` statistics)
+    argmax: the key of the running maximum; its weight is exp(m - m) / Z = 1 / Z
+
+and the output is `Σ_j e_j v_j / Z` (times the head's gate).
+
+Roofline (SmolLM2's census, fp32, batch 8 x 1,024 tokens, 9 query heads over 3 KV heads, d_head 64,
+causal, per layer). FLOPs: two dots over the causal half, 2 * 2 * 8*9*1024*1024/2*64 = 9.7 GFLOP with
+the output (4.8 without `v`), plus about 40 FLOPs per score for the statistics (exp, rescales, seven
+masked sums, the arg-max) = 1.5 GFLOP of elementwise work. Bytes: q 18.9 MB, k and v 6.3 MB each
+(re-read once per query tile, mostly from L2), the output 18.9 MB, 11 statistics x 4 B x 73,728 rows
+= 3.2 MB: about 54 MB, 12.5 us at the 4.3 TB/s measured on an H200. Arithmetic: fp32 dots in IEEE
+precision run on the FMA pipes (~60 TFLOP/s), 0.16 ms; in bf16 on tensor cores the dots take ~0.02 ms and
+the exp/elementwise work (~1.5 G ops on the ~30 T/s special-function and ALU pipes) bounds it: the kernel is
+compute-bound, like FlashAttention, by its exponentials and statistics, not by memory. The torch path
+it replaces moves a `[q_chunk k_chunk]` fp32 tile per head through memory a dozen times (einsum, mask,
+exp, seven products and sums): ~0.5 GB per layer at this size, so >= 0.12 ms of pure traffic plus
+hundreds of kernel launches; `bench/bench_kernel_attention_stats.py` measures both, and torch's SDPA
+(which returns no statistics) as the speed of light for the output alone.
+
+Backward: the output is differentiable w.r.t. q, k, v and the gates. The Triton path recomputes the
+gradient with a dense torch attention (O(n^2) memory in the backward only): the kernel is an analysis
+kernel, and a flash backward is not needed by any headscope method today. The statistics carry no
+gradient.
+"""
+import math
+import torch
+from torch import Tensor
+from . import has_triton, interpreting, pick
+
+__all__ = ["STAT_NAMES", "attention_with_stats", "attention_with_stats_reference"]
+
+STAT_NAMES = ("sink", "prev", "target", "entropy", "n_keys", "distance", "argmax", "max_weight",
+              "prev_nobos", "target_nobos", "entropy_nobos", "distance_nobos")
+_RAW = ("Z", "S", "D", "Zn", "Sn", "Dn", "cnt", "sink", "prev", "target")   # running sums, in kernel order
+
+def _check(q, k, v, mask, targets, gates):
+    "Validate shapes; return (batch, heads, q_pos, d_head, kv_heads, k_pos)"
+    if q.ndim != 4 or k.ndim != 4:
+        raise ValueError(f"q and k must be [batch head pos d_head], got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    b, h, nq, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k {tuple(k.shape)} must share batch and d_head with q {tuple(q.shape)}")
+    nkv, nk = k.shape[1], k.shape[2]
+    if nkv == 0 or h % nkv: raise ValueError(f"{h} query heads cannot share {nkv} key/value heads evenly.")
+    if nk < nq: raise ValueError(f"k has {nk} positions, fewer than q's {nq}: the queries must be the last q_pos keys")
+    if v is not None and v.shape != k.shape: raise ValueError(f"v {tuple(v.shape)} must have k's shape {tuple(k.shape)}")
+    if mask is not None and (mask.ndim != 4 or mask.shape[0] not in (1, b) or mask.shape[1] != 1 or mask.shape[2:] != (nq, nk)):
+        raise ValueError(f"mask must be [batch|1 1 q_pos k_pos] = [{b}|1 1 {nq} {nk}], got {tuple(mask.shape)}")
+    if targets is not None and tuple(targets.shape) != (b, nq):
+        raise ValueError(f"targets must be [batch q_pos] = [{b} {nq}], got {tuple(targets.shape)}")
+    if gates is not None and tuple(gates.shape) not in ((h,), (b, h)):
+        raise ValueError(f"gates must be [head] = [{h}] or [batch head] = [{b} {h}], got {tuple(gates.shape)}")
+    return b, h, nq, d, nkv, nk
+
+def _bool_mask(mask:Tensor)->Tensor:
+    "True where a query may see a key: bool masks as they are, additive masks where not ~-inf"
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+def _finalize(raw:dict, arg:Tensor)->dict:
+    "The statistics from the running sums (all `[batch head q_pos]`, fp32)"
+    Z, Zn = raw["Z"], raw["Zn"]
+    nz = Zn > 0
+    Zs = torch.where(nz, Zn, torch.ones_like(Zn))
+    out = {"sink": raw["sink"] / Z, "prev": raw["prev"] / Z, "target": raw["target"] / Z,
+           "entropy": torch.log(Z) - raw["S"] / Z, "n_keys": raw["cnt"], "distance": raw["D"] / Z,
+           "argmax": arg, "max_weight": 1 / Z,                                       # exp(m - m) / Z
+           # renormalised without key 0; NaN where key 0 was the only key
+           "entropy_nobos": torch.where(nz, torch.log(Zs) - raw["Sn"] / Zs, torch.nan),
+           "distance_nobos": torch.where(nz, raw["Dn"] / Zs, torch.nan)}
+    for n in ("prev", "target"):
+        out[f"{n}_nobos"] = torch.where(nz, raw[f"{n}_nobos_num"] / Zs, torch.nan)
+    return {n: out[n] for n in STAT_NAMES}
+
+def attention_with_stats_reference(q:Tensor,                  # [batch head q_pos d_head] queries (after rotary)
+                                   k:Tensor,                  # [batch kv_head k_pos d_head] keys (GQA: kv_head divides head)
+                                   v:Tensor|None=None,        # [batch kv_head k_pos d_head] values; None: statistics only
+                                   mask:Tensor|None=None,     # [batch|1 1 q_pos k_pos] bool (True = attend) or additive; None = causal
+                                   scaling:float|None=None,   # default d_head**-0.5
+                                   softcap:float|None=None,   # Gemma 2's tanh soft-capping of the scores
+                                   targets:Tensor|None=None,  # [batch q_pos] key index per query for `target` (-1 = none)
+                                   gates:Tensor|None=None,    # [head] or [batch head] output scale per head (0 = ablate)
+                                   q_chunk:int=256,           # query tile (the Triton kernel caps its tiles at 64/128)
+                                   k_chunk:int=1024,          # key tile
+                                  )->tuple:                   # (out [batch head q_pos d_head] or None, {stat: [batch head q_pos]})
+    "Pure-torch reference and CPU path: the same online softmax over `[q_chunk k_chunk]` tiles, in fp32"
+    b, h, nq, d, nkv, nk = _check(q, k, v, mask, targets, gates)
+    g, off = h // nkv, nk - nq                       # GQA group size; with a KV cache, query i sits at key position off+i
+    scaling = d ** -0.5 if scaling is None else scaling
+    dev = q.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    qg = q.float().reshape(b, nkv, g, nq, d)
+    kf = k.float()
+    vf = None if v is None else v.float()
+    tgt_all = torch.full((b, nq), -1, dtype=torch.long, device=dev) if targets is None else targets.to(dev).long()
+    bm = None if mask is None else _bool_mask(mask)
+    raws, args, outs = [], [], []
+    for q0 in range(0, nq, q_chunk):
+        q1 = min(q0 + q_chunk, nq); c = q1 - q0
+        qi = torch.arange(q0, q1, device=dev) + off                                # absolute query positions
+        tgt = {"sink": torch.zeros(b, c, dtype=torch.long, device=dev), "prev": (qi - 1).expand(b, c),
+               "target": tgt_all[:, q0:q1]}
+        z = {n: torch.zeros(b, nkv, g, c, **f32) for n in _RAW}
+        m = torch.full((b, nkv, g, c), -math.inf, **f32)
+        arg = torch.zeros(b, nkv, g, c, dtype=torch.long, device=dev)
+        acc = None if v is None else torch.zeros(b, nkv, g, c, d, **f32)
+        hi = int(qi.max()) + 1 if mask is None else nk                           # causal: later keys are never seen
+        for k0 in range(0, hi, k_chunk):
+            k1 = min(k0 + k_chunk, hi)
+            kj = torch.arange(k0, k1, device=dev)
+            s = torch.einsum("bvgqd,bvkd->bvgqk", qg[:, :, :, q0:q1], kf[:, :, k0:k1]) * scaling
+            if softcap is not None: s = torch.tanh(s / softcap) * softcap
+            ok = (kj[None, :] <= qi[:, None])[None, None] if bm is None else bm[:, :, q0:q1, k0:k1]
+            ok = ok[:, :, None]                                                     # [b|1 1 1 c kc]
+            s = s.masked_fill(~ok, -math.inf)
+            m_new = torch.maximum(m, s.amax(-1))
+            safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            a = torch.exp(m - safe)                                                 # rescales the old sums (0 when m was -inf)
+            dm = torch.where(torch.isinf(m), torch.zeros_like(m), m - safe)
+            e = torch.exp(s - safe[..., None])                                      # masked keys: exp(-inf) = 0
+            sr = torch.where(ok, s - safe[..., None], torch.zeros_like(s))          # s - m, 0 where masked (avoids 0 * inf)
+            dist = (qi[:, None] - kj[None, :]).abs().float()
+            en = e.clone()
+            if k0 == 0: en[..., 0] = 0                                              # the row without key 0
+            z["S"] = a * (z["S"] + dm * z["Z"]) + (e * sr).sum(-1)
+            z["Sn"] = a * (z["Sn"] + dm * z["Zn"]) + (en * sr).sum(-1)
+            z["Z"] = a * z["Z"] + e.sum(-1); z["Zn"] = a * z["Zn"] + en.sum(-1)
+            z["D"] = a * z["D"] + (e * dist).sum(-1); z["Dn"] = a * z["Dn"] + (en * dist).sum(-1)
+            z["cnt"] += ok.expand_as(s).sum(-1)
+            for n, t in tgt.items():                                                 # one gathered weight per query
+                inside = (t >= k0) & (t < k1)
+                idx = (t - k0).clamp(0, k1 - k0 - 1)[:, None, None, :, None].expand(b, nkv, g, c, 1)
+                z[n] = a * z[n] + e.gather(-1, idx)[..., 0] * inside[:, None, None]
+            if acc is not None: acc = a[..., None] * acc + torch.einsum("bvgqk,bvkd->bvgqd", e, vf[:, :, k0:k1])
+            cm, ci = s.max(-1)
+            arg = torch.where(cm > m, ci + k0, arg)
+            m = m_new
+        r = lambda x: x.reshape(b, h, c, *x.shape[4:])
+        raw = {n: r(x) for n, x in z.items()}
+        for n in ("prev", "target"):                                                 # key 0 has no weight after renormalising
+            raw[f"{n}_nobos_num"] = raw[n] * (tgt[n] != 0)[:, None]
+        raws.append(raw); args.append(r(arg))
+        if acc is not None: outs.append(r(acc) / raw["Z"][..., None])
+    cat = lambda xs: torch.cat(xs, 2) if xs else None
+    raw = {n: cat([x[n] for x in raws]) for n in raws[0]} if raws else {n: torch.empty(b, h, 0, **f32) for n in (*_RAW, "prev_nobos_num", "target_nobos_num")}
+    arg = cat(args) if args else torch.empty(b, h, 0, dtype=torch.long, device=dev)
+    stats = {n: x.detach() for n, x in _finalize(raw, arg).items()}   # statistics carry no gradient (as the kernel's)
+    out = None
+    if v is not None:
+        out = cat(outs) if outs else torch.empty(b, h, 0, d, **f32)
+        if gates is not None: out = out * (gates.float().expand(b, h) if gates.ndim == 2 else gates.float()[None].expand(b, h))[..., None, None]
+        out = out.to(v.dtype)
+    return out, stats
+
+def attention_with_stats(q:Tensor, k:Tensor, v:Tensor|None=None, mask:Tensor|None=None, scaling:float|None=None,
+                         softcap:float|None=None, targets:Tensor|None=None, gates:Tensor|None=None,
+                         q_chunk:int=256, k_chunk:int=1024,
+                         force:str|None=None,       # None (automatic), 'triton' or 'torch'
+                        )->tuple:                   # (out or None, {stat: [batch head q_pos]})
+    "Attention output and per-head row statistics: the Triton kernel on CUDA, the chunked torch reference elsewhere"
+    ts = [t for t in (q, k, v, mask, targets, gates) if t is not None]
+    return pick("attention_with_stats", *ts, force=force)(q, k, v, mask, scaling, softcap, targets, gates, q_chunk, k_chunk)
+
+def _dense_attention(q, k, v, mask, scaling, softcap, gates):
+    "Plain differentiable attention (the O(n^2) pattern): the Triton path's backward recomputes through it"
+    b, h, nq, d = q.shape
+    nkv, nk = k.shape[1], k.shape[2]
+    scaling = d ** -0.5 if scaling is None else scaling
+    kk, vv = k.float().repeat_interleave(h // nkv, 1), v.float().repeat_interleave(h // nkv, 1)
+    s = q.float() @ kk.transpose(-1, -2) * scaling
+    if softcap is not None: s = torch.tanh(s / softcap) * softcap
+    ok = (torch.arange(nk, device=q.device)[None] <= torch.arange(nk - nq, nk, device=q.device)[:, None])[None, None] \
+         if mask is None else _bool_mask(mask)
+    out = torch.softmax(s.masked_fill(~ok, -math.inf), -1) @ vv
+    if gates is not None: out = out * (gates.float().expand(b, h) if gates.ndim == 2 else gates.float()[None].expand(b, h))[..., None, None]
+    return out
+
+if has_triton():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _attn_stats_kernel(Q, K, V, M, T, G, O, R, A,
+                           H, NQ, NK, D, GROUP, OFF, scaling, softcap,
+                           sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                           smb, smq, smk, stb, stq, sob, soh, son, sod, s_raw,
+                           HAS_V: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                           HAS_TARGETS: tl.constexpr, HAS_GATES: tl.constexpr, LOWP: tl.constexpr,
+                           BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        # one program: BLOCK_Q queries of one (batch, query head); keys in BLOCK_K tiles, online softmax
+        pid_q, pid_bh = tl.program_id(0), tl.program_id(1)
+        bi, hi = pid_bh // H, pid_bh % H
+        kvh = hi // GROUP
+        rq = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)                  # query rows
+        qi = rq + OFF                                                 # their absolute positions
+        rd = tl.arange(0, BLOCK_D)
+        q_ok = rq < NQ
+        q = tl.load(Q + bi * sqb + hi * sqh + rq[:, None] * sqn + rd[None, :] * sqd,
+                    mask=q_ok[:, None] & (rd[None, :] < D), other=0.0)
+        if not LOWP: q = q.to(tl.float32)
+        if HAS_TARGETS: tg = tl.load(T + bi * stb + rq * stq, mask=q_ok, other=-1)
+        else: tg = tl.full((BLOCK_Q,), -1, tl.int64)
+        ninf = float("-inf")
+        m = tl.full((BLOCK_Q,), ninf, tl.float32)
+        Z = tl.zeros((BLOCK_Q,), tl.float32); S = tl.zeros((BLOCK_Q,), tl.float32); Dd = tl.zeros((BLOCK_Q,), tl.float32)
+        Zn = tl.zeros((BLOCK_Q,), tl.float32); Sn = tl.zeros((BLOCK_Q,), tl.float32); Dn = tl.zeros((BLOCK_Q,), tl.float32)
+        cnt = tl.zeros((BLOCK_Q,), tl.float32); sink = tl.zeros((BLOCK_Q,), tl.float32)
+        prev = tl.zeros((BLOCK_Q,), tl.float32); targ = tl.zeros((BLOCK_Q,), tl.float32)
+        arg = tl.zeros((BLOCK_Q,), tl.int32)
+        acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
+        if HAS_MASK: hi_k = NK
+        else: hi_k = tl.minimum(NK, pid_q * BLOCK_Q + BLOCK_Q + OFF)     # causal: later keys are never seen
+        for k0 in range(0, hi_k, BLOCK_K):
+            kj = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kj < NK
+            kt = tl.load(K + bi * skb + kvh * skh + kj[None, :] * skn + rd[:, None] * skd,
+                         mask=k_ok[None, :] & (rd[:, None] < D), other=0.0)          # [BLOCK_D BLOCK_K]
+            if LOWP: s = tl.dot(q, kt)
+            else: s = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
+            s = s * scaling
+            if HAS_SOFTCAP:                                            # softcap * tanh(s / softcap), tanh from exp
+                x = s / softcap
+                s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
+            ok = q_ok[:, None] & k_ok[None, :]
+            if HAS_MASK:
+                mv = tl.load(M + bi * smb + rq[:, None] * smq + kj[None, :] * smk, mask=ok, other=0)
+                ok = ok & (mv != 0)
+            else:
+                ok = ok & (kj[None, :] <= qi[:, None])
+            s = tl.where(ok, s, ninf)
+            m_new = tl.maximum(m, tl.max(s, 1))
+            safe = tl.where(m_new == ninf, 0.0, m_new)
+            a = tl.exp(m - safe)                                       # 0 while m is -inf
+            dm = tl.where(m == ninf, 0.0, m - safe)
+            e = tl.exp(s - safe[:, None])                               # masked keys: 0
+            sr = tl.where(ok, s - safe[:, None], 0.0)
+            dist = tl.abs(qi[:, None] - kj[None, :]).to(tl.float32)
+            en = tl.where(kj[None, :] == 0, 0.0, e)
+            S = a * (S + dm * Z) + tl.sum(e * sr, 1)
+            Sn = a * (Sn + dm * Zn) + tl.sum(en * sr, 1)
+            Z = a * Z + tl.sum(e, 1)
+            Zn = a * Zn + tl.sum(en, 1)
+            Dd = a * Dd + tl.sum(e * dist, 1)
+            Dn = a * Dn + tl.sum(en * dist, 1)
+            cnt += tl.sum(ok.to(tl.float32), 1)
+            sink = a * sink + tl.sum(tl.where(kj[None, :] == 0, e, 0.0), 1)
+            prev = a * prev + tl.sum(tl.where(kj[None, :] == qi[:, None] - 1, e, 0.0), 1)
+            targ = a * targ + tl.sum(tl.where(kj[None, :] == tg[:, None], e, 0.0), 1)
+            cm = tl.max(s, 1)                                           # the tile's best key: the first one at the max
+            ci = tl.min(tl.where(s == cm[:, None], kj[None, :], 2147483647), 1)
+            arg = tl.where(cm > m, ci, arg)
+            if HAS_V:
+                vt = tl.load(V + bi * svb + kvh * svh + kj[:, None] * svn + rd[None, :] * svd,
+                             mask=k_ok[:, None] & (rd[None, :] < D), other=0.0)      # [BLOCK_K BLOCK_D]
+                if LOWP: pv = tl.dot(e.to(vt.dtype), vt)
+                else: pv = tl.dot(e, vt.to(tl.float32), input_precision="ieee")
+                acc = acc * a[:, None] + pv
+            m = m_new
+        base = R + (bi * H + hi) * NQ + rq                            # raw sums: [stat batch head q_pos]
+        tl.store(base + 0 * s_raw, Z, mask=q_ok); tl.store(base + 1 * s_raw, S, mask=q_ok)
+        tl.store(base + 2 * s_raw, Dd, mask=q_ok); tl.store(base + 3 * s_raw, Zn, mask=q_ok)
+        tl.store(base + 4 * s_raw, Sn, mask=q_ok); tl.store(base + 5 * s_raw, Dn, mask=q_ok)
+        tl.store(base + 6 * s_raw, cnt, mask=q_ok); tl.store(base + 7 * s_raw, sink, mask=q_ok)
+        tl.store(base + 8 * s_raw, prev, mask=q_ok); tl.store(base + 9 * s_raw, targ, mask=q_ok)
+        tl.store(A + (bi * H + hi) * NQ + rq, arg.to(tl.int64), mask=q_ok)
+        if HAS_V:
+            o = acc / Z[:, None]
+            if HAS_GATES: o = o * tl.load(G + bi * H + hi).to(tl.float32)
+            tl.store(O + bi * sob + hi * soh + rq[:, None] * son + rd[None, :] * sod, o.to(O.dtype.element_ty),
+                     mask=q_ok[:, None] & (rd[None, :] < D))
+
+    def _pow2_at_least_16(n): return n >= 16 and (n & (n - 1)) == 0
+
+    def _tile(chunk:int, cap:int)->int:
+        "The largest power of two <= min(chunk, cap), at least 16 (tl.dot's smallest tile)"
+        return max(16, 1 << (max(int(min(chunk, cap)), 1).bit_length() - 1))
+
+    def _launch(q, k, v, mask, scaling, softcap, targets, gates, q_chunk, k_chunk):
+        b, h, nq, d, nkv, nk = _check(q, k, v, mask, targets, gates)
+        dev = q.device
+        interp = interpreting() and not q.is_cuda
+        # GPU tiles: 64 x 64 keeps q, one K/V tile, the fp32 scores and the accumulator in registers;
+        # the interpreter prefers few, large tiles (it runs programs one after another)
+        cap_q, cap_k = (128, 128) if interp else (64, 64)
+        bq, bk = _tile(q_chunk, cap_q), _tile(k_chunk, cap_k)
+        bd = max(16, triton.next_power_of_2(d))
+        assert _pow2_at_least_16(bq) and _pow2_at_least_16(bk) and _pow2_at_least_16(bd), (bq, bk, bd)
+        lowp = q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype and not interp
+        out_dtype = None if v is None else v.dtype
+        if not lowp:                                                   # one dtype into tl.dot: fp32 unless all low precision
+            q, k = q.float(), k.float()
+            v = None if v is None else v.float()
+        elif v is not None: v = v.to(q.dtype)
+        scaling = d ** -0.5 if scaling is None else float(scaling)
+        raw = torch.empty(len(_RAW), b, h, nq, dtype=torch.float32, device=dev)
+        arg = torch.empty(b, h, nq, dtype=torch.long, device=dev)
+        out = torch.empty(b, h, nq, d, dtype=out_dtype, device=dev) if v is not None else raw  # raw: a dummy pointer
+        if mask is not None:
+            mb = _bool_mask(mask)[:, 0].to(torch.int8)                 # [batch|1 q_pos k_pos]
+            smb = 0 if mb.shape[0] == 1 else mb.stride(0)
+            smq, smk = mb.stride(1), mb.stride(2)
+        else: mb, smb, smq, smk = raw, 0, 0, 0
+        tg = targets.to(dev).long() if targets is not None else arg
+        stb, stq = (tg.stride(0), tg.stride(1)) if targets is not None else (0, 0)
+        gt = (gates.float().expand(b, h) if gates.ndim == 2 else gates.float()[None].expand(b, h)).contiguous() if gates is not None else raw
+        vv = v if v is not None else k
+        if nq and b and h:
+            grid = (triton.cdiv(nq, bq), b * h)
+            _attn_stats_kernel[grid](q, k, vv, mb, tg, gt, out, raw, arg,
+                                     h, nq, nk, d, h // nkv, nk - nq, scaling, float(softcap or 1.0),
+                                     *q.stride(), *k.stride(), *vv.stride(), smb, smq, smk, stb, stq,
+                                     *(out.stride() if v is not None else (0, 0, 0, 0)), b * h * nq,
+                                     HAS_V=v is not None, HAS_MASK=mask is not None, HAS_SOFTCAP=softcap is not None,
+                                     HAS_TARGETS=targets is not None, HAS_GATES=gates is not None, LOWP=lowp,
+                                     BLOCK_Q=bq, BLOCK_K=bk, BLOCK_D=bd, num_warps=4)
+        rawd = dict(zip(_RAW, raw.unbind(0)))
+        qi = torch.arange(nq, device=dev) + (nk - nq)
+        t_prev = (qi - 1).expand(b, nq)
+        t_tg = targets.to(dev).long() if targets is not None else torch.full((b, nq), -1, device=dev, dtype=torch.long)
+        rawd["prev_nobos_num"] = rawd["prev"] * (t_prev != 0)[:, None]
+        rawd["target_nobos_num"] = rawd["target"] * (t_tg != 0)[:, None]
+        return (out if v is not None else None), _finalize(rawd, arg)
+
+    class _AttentionWithStats(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, gates, mask, scaling, softcap, targets, q_chunk, k_chunk):
+            out, stats = _launch(q, k, v, mask, scaling, softcap, targets, gates, q_chunk, k_chunk)
+            ctx.save_for_backward(q, k, v, gates, mask)
+            ctx.scaling, ctx.softcap = scaling, softcap
+            ctx.mark_non_differentiable(*stats.values())
+            return (out, *stats.values())
+
+        @staticmethod
+        def backward(ctx, g_out, *g_stats):
+            q, k, v, gates, mask = ctx.saved_tensors
+            with torch.enable_grad():
+                ins = [t.detach().requires_grad_(need) if t is not None else None
+                       for t, need in zip((q, k, v, gates), ctx.needs_input_grad[:4])]
+                out = _dense_attention(ins[0], ins[1], ins[2], mask, ctx.scaling, ctx.softcap, ins[3])
+                wrt = [t for t in ins if t is not None and t.requires_grad]
+                gs = iter(torch.autograd.grad(out, wrt, g_out.float()))
+            grads = [next(gs).to(t.dtype) if t is not None and t.requires_grad else None for t in ins]
+            return (*grads, None, None, None, None, None, None)
+
+    def attention_with_stats_triton(q:Tensor, k:Tensor, v:Tensor|None=None, mask:Tensor|None=None,
+                                    scaling:float|None=None, softcap:float|None=None, targets:Tensor|None=None,
+                                    gates:Tensor|None=None, q_chunk:int=256, k_chunk:int=1024)->tuple:
+        "Triton version of `attention_with_stats_reference`, same signature; the output is differentiable"
+        need_grad = torch.is_grad_enabled() and v is not None and any(
+            t is not None and t.requires_grad for t in (q, k, v, gates))
+        if not need_grad: return _launch(q, k, v, mask, scaling, softcap, targets, gates, q_chunk, k_chunk)
+        _check(q, k, v, mask, targets, gates)
+        res = _AttentionWithStats.apply(q, k, v, gates, mask, scaling, softcap, targets, q_chunk, k_chunk)
+        return res[0], dict(zip(STAT_NAMES, res[1:]))
+
+    __all__ += ["attention_with_stats_triton"]
