@@ -20,8 +20,8 @@ setup(
     python_requires=f">={cfg['min_python']}",
     # `kernels/` lives at the top level but installs as `headscope.kernels`: a top-level package
     # named `kernels` would shadow Hugging Face's `kernels`, which transformers imports.
-    packages=["headscope", "headscope.kernels"] + [f"headscope.{p}" for p in ("data", "views")
-              if (here/"headscope"/p/"__init__.py").exists()],
+    # every subpackage nbdev exports (views, sae, ...): found on disk, so a new one is never left out
+    packages=["headscope", "headscope.kernels"] + sorted(f"headscope.{p.parent.name}" for p in (here/"headscope").glob("*/__init__.py")),
     package_dir={"headscope": "headscope", "headscope.kernels": "kernels"},
     package_data={"headscope": ["data/*", "assets/*"]},
     include_package_data=True,

@@ -130,3 +130,15 @@ def test_transformers_probe_from_repo_root():
         print(is_kernels_available())
         """, cwd=REPO)
     assert out.split()[-1] in ("True", "False")
+
+@pytest.mark.slow
+def test_wheel_holds_every_subpackage(tmp_path):
+    "A plain (non-editable) install carries every exported subpackage (sae, views, ...) and kernels/ as headscope.kernels"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                        "--target", str(tmp_path/"site"), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    want = {p.parent.name for p in (REPO/"headscope").glob("*/__init__.py")} | {"kernels"}
+    got = {p.parent.name for p in (tmp_path/"site"/"headscope").glob("*/__init__.py")}
+    assert want <= got, f"missing from the install: {sorted(want - got)}"
+    assert (tmp_path/"site"/"headscope"/"kernels"/"attention_stats.py").exists()
+    assert not (tmp_path/"site"/"kernels").exists()
