@@ -25,15 +25,21 @@ deviations (two passes over the tile in registers), and merges the tiles with Ch
 so it does not suffer the cancellation of a one-pass `Σx² − (Σx)²/d` in fp32 when |μ| ≫ σ.
 
 Roofline (n = 4096 rows, d = 16384, i.e. 67.1 M elements; H200: ~4.3 TB/s copy bandwidth, ~67 TFLOP/s fp32):
-- When a row fits one tile (`d <= 16384`, the default `max_block_d`), the row is read once into registers and
-  written once: 1 read + 1 write = 8 B/element in fp32 (537 MB: floor 0.125 ms), 4 B/element in bf16
-  (268 MB: 0.062 ms). Wider rows are read twice (statistics, then values): 2 reads + 1 write = 12 B/element fp32.
+- The floor is 1 read + 1 write of n·d elements: 8 B/element in fp32 (537 MB: 0.125 ms), 4 B/element in bf16
+  (268 MB: 0.062 ms). fp32 rows up to 16384 are read once into registers (one tile); 2-byte rows (and wider rows)
+  are streamed in tiles and read twice, statistics then values; the second read of a row should mostly hit L2
+  (each program's row, 8-64 KB, was just read; inferred from the times below, within 1.2x of the 1-read floor,
+  not from counters), so HBM sees about 1 read + 1 write. The tiles were picked by a sweep on
+  an H200 (`bench/bench_kernel_stat_topk.py --sweep`).
 - About 8 FLOPs per element (the tile mean, the deviation, its square, the compare and select): ~0.5 GFLOP,
-  8 µs of fp32 FMA throughput, so the kernel is memory-bound by ~15x; its floor is the bytes above.
-- The torch reference makes ~5 passes (float copy, mean, var, compare, where/cast) and allocates temporaries:
-  expect a few times the floor. `torch.topk(x, k)` along d = 16384 does a radix select per row (several passes
-  over the row, plus the scatter to a dense tensor), so it is several times slower still; it is exact.
-- Backward: read g and x (and θ per row), write dx: 3 × 4 B/element in fp32, memory-bound likewise.
+  8 µs of fp32 FMA throughput, so the kernel is memory-bound by ~15x.
+- Measured on an H200 (bench/results/bench_kernel_stat_topk_h200.txt): 0.134 ms fp32 (1.07x the floor, 4.0 TB/s),
+  0.075 ms bf16 (1.21x); at n 32768 x d 4608: 0.292 ms fp32 (1.04x), 0.168 ms bf16 (1.19x).
+- The torch reference makes ~5 passes (float copy, var_mean, compare, multiply, cast) with temporaries: 3.8x the
+  kernel in fp32, 10.6x in bf16. `torch.topk(x, k)` + a scatter into a dense tensor (exact; a radix select, several
+  passes over each row) takes 6.9x (fp32) to 8.3x (bf16) the kernel's time at this size.
+- Backward: read g and x (and θ per row), write dx: 2 reads + 1 write, 1.06x its floor in fp32 (0.199 ms) vs 1.74x
+  the kernel's time for `torch.where`.
 """
 import statistics
 import torch
@@ -145,22 +151,25 @@ if has_triton():
 
     def _pow2(n): return n >= 1 and (n & (n - 1)) == 0
 
-    def _tiles(D, block_n, block_d, max_block_d):
+    def _tiles(D, el, block_n, block_d, max_block_d, num_warps):
+        # measured on an H200 (bench/bench_kernel_stat_topk.py --sweep): fp32 rows up to 16384 in one tile (1 read);
+        # 2-byte rows in a loop of 2048 (d <= 8192) or 8192-wide tiles: the second read of a row comes from L2
+        if max_block_d is None: max_block_d = 16384 if el >= 4 else (8192 if D > 8192 else 2048)
         if block_d is None: block_d = min(max(triton.next_power_of_2(D), 16), max_block_d)
         if block_n is None: block_n = max(1, min(16, 2048 // block_d))   # small rows: several per program
-        return block_n, block_d
+        if num_warps is None: num_warps = max(4, min(16, block_n * block_d // 1024)) if el >= 4 else (16 if block_d >= 8192 else 4)
+        return block_n, block_d, num_warps
 
     def _launch_fwd(x2:Tensor, k:int, soft:bool, block_n:int|None=None, block_d:int|None=None,
-                    max_block_d:int=16384)->tuple[Tensor,Tensor]:
+                    max_block_d:int|None=None, num_warps:int|None=None)->tuple[Tensor,Tensor]:
         "Launch `_stat_topk_fwd` on `x2 [N D]`; tile sizes must be powers of two (BLOCK_D >= 16)"
         N, D = x2.shape
-        block_n, block_d = _tiles(D, block_n, block_d, max_block_d)
+        block_n, block_d, warps = _tiles(D, x2.element_size(), block_n, block_d, max_block_d, num_warps)
         assert _pow2(block_n) and _pow2(block_d) and block_d >= 16, \
             f"tile sizes must be powers of two (BLOCK_D >= 16), got BLOCK_N={block_n}, BLOCK_D={block_d}"
         out = torch.empty_like(x2)
         theta = torch.empty(N, device=x2.device, dtype=torch.float32)
         if N == 0: return out, theta
-        warps = max(4, min(16, block_n * block_d // 1024))
         _stat_topk_fwd[(triton.cdiv(N, block_n),)](x2, out, theta, N, D, gaussian_quantile(k, D),
                                                    x2.stride(0), x2.stride(1), out.stride(0), out.stride(1),
                                                    SOFT=soft, BLOCK_N=block_n, BLOCK_D=block_d,
