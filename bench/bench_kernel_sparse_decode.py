@@ -41,9 +41,11 @@ def check(vals, idx, W, off):
     "Relative errors of Triton vs the reference: output, grad_vals, grad_W_dec"
     out = {}
     for name, fn in (("triton", K.sparse_decode_triton), ("torch", sparse_decode_reference)):
-        v, w = vals.clone().requires_grad_(), W.clone().requires_grad_()
+        # embedding_bag has no bf16 per_sample_weights backward on CUDA: the reference runs in fp32 on the same numbers
+        up = (lambda t: t.float()) if name == "torch" and vals.dtype == torch.bfloat16 else (lambda t: t)
+        v, w = up(vals).clone().requires_grad_(), up(W).clone().requires_grad_()
         y = fn(v, idx, w, off)
-        torch.manual_seed(1); gy = torch.randn_like(y)
+        torch.manual_seed(1); gy = torch.randn(y.shape, device=y.device).to(vals.dtype).to(y.dtype)   # same numbers for both
         y.backward(gy)
         out[name] = (y.detach(), v.grad, w.grad)
     return [rel(a, b) for a, b in zip(out["triton"], out["torch"])]
@@ -73,6 +75,9 @@ def gpu():
         except Exception: print("peer kernel (EleutherAI sparsify/sae TritonDecoder): not installed, skipped")
 
     sizes = [("SmolLM2 SAE", 4096, 32, 4608, 576), ("issue size", 4096, 64, 32768, 2048)]
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(20): x @ x                          # warm the clocks up before the first timing
+    torch.cuda.synchronize(); del x
     print("\ncorrectness at the bench sizes: relative error vs embedding_bag (out, grad_vals, grad_W_dec)")
     for label, n, k, d_sae, d in sizes:
         for dtype in (torch.float32, torch.bfloat16):
@@ -99,9 +104,12 @@ def gpu():
             v, w, a = vals.clone().requires_grad_(), W.clone().requires_grad_(), acts.clone().requires_grad_()
             gy = torch.randn(n, d, device="cuda", dtype=dtype)
             t["fwd+bwd triton"] = do_bench(lambda: K.sparse_decode_triton(v, idx, w).backward(gy), grad_to_none=[v, w])
-            t["fwd+bwd ebag"] = do_bench(lambda: sparse_decode_reference(v, idx, w).backward(gy), grad_to_none=[v, w])
+            try: t["fwd+bwd ebag"] = do_bench(lambda: sparse_decode_reference(v, idx, w).backward(gy), grad_to_none=[v, w])
+            except (NotImplementedError, RuntimeError) as e:   # bf16 on CUDA: no per_sample_weights backward
+                print(f"fwd+bwd ebag: {str(e)[:70]}"); t["fwd+bwd ebag"] = float("nan")
             t["fwd+bwd dense"] = do_bench(lambda: (a @ w).backward(gy), grad_to_none=[a, w])
             for name, ms in t.items():
+                if ms != ms: continue
                 bwd = name.startswith("fwd+bwd")
                 gbs = moved * (3 if bwd else 1) / ms / 1e6   # bwd: gathers again + atomics of the same size
                 base = "fwd+bwd " if bwd else "fwd "
@@ -113,7 +121,8 @@ def gpu():
             del acts, a, v, w
             if args.no_sweep or label != "issue size": continue
             print("tile sweep (fwd ms, fwd+bwd-only-kernel ms): block_n, block_d, num_warps")
-            for bn, bd, nw in [(16, 64, 2), (16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 8), (64, 128, 8)]:
+            # block_n 32 in the ragged form (the grad_W_dec pass) crashed Triton 3.6's TritonGPURemoveLayoutConversions on an H200
+            for bn, bd, nw in [(16, 64, 2), (16, 128, 4), (16, 256, 4), (16, 128, 8)]:
                 f = do_bench(lambda: _launch_fwd(vals, idx, W, None, bn, bd, nw))
                 bk = do_bench(lambda: _launch_bwd(gy, vals, idx, W, None, True, True, bn, bd, nw))
                 print(f"  {bn:3d} {bd:4d} {nw:2d}   fwd {f:7.3f}   bwd {bk:7.3f}")
