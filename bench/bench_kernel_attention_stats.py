@@ -122,6 +122,34 @@ def timings():
             for name, (ms, peak) in res.items():
                 print(f"| {b}x{n} | {str(dt)[6:]} | {name} | {ms:.3f} | {ms / base_ms:.2f} | {peak:.0f} | {floor:.3f} |")
 
+def sweep():
+    "Tile shapes for the kernel at the census shape: time and error against the torch path for each"
+    import triton
+    import headscope.kernels.attention_stats as A
+    from headscope.kernels import attention_with_stats
+    print("\n## 2b. Tile sweep at 8 x 1024 (BLOCK_Q, BLOCK_K, warps): median ms, worst relative error vs torch")
+    print("| tiles | dtype | stats ms | out+stats ms | worst rel err |")
+    print("|---|---|---|---|---|")
+    default = A.GPU_TILES
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for dt in (torch.float32, torch.bfloat16):
+        q = torch.randn(8, 9, 1024, 64, device="cuda", generator=g).to(dt)
+        k = torch.randn(8, 3, 1024, 64, device="cuda", generator=g).to(dt)
+        v = torch.randn(8, 3, 1024, 64, device="cuda", generator=g).to(dt)
+        tg = torch.randint(-1, 1024, (8, 1024), device="cuda", generator=g).minimum(torch.arange(1024, device="cuda"))
+        ro, ref = attention_with_stats(q, k, v, targets=tg, force="torch")
+        for cfg in ((64, 64, 4), (64, 32, 4), (128, 64, 8), (128, 32, 8), (64, 64, 8), (128, 128, 8)):
+            A.GPU_TILES = cfg
+            try:
+                o, st = attention_with_stats(q, k, v, targets=tg, force="triton")
+                err = max([rel(st[n], ref[n]) for n in st if n not in ("argmax", "n_keys")] + [rel(o, ro)])
+                t1 = triton.testing.do_bench(lambda: attention_with_stats(q, k, None, targets=tg, force="triton"), warmup=10, rep=50, return_mode="median")
+                t2 = triton.testing.do_bench(lambda: attention_with_stats(q, k, v, targets=tg, force="triton"), warmup=10, rep=50, return_mode="median")
+                print(f"| {cfg} | {str(dt)[6:]} | {t1:.3f} | {t2:.3f} | {err:.1e} |")
+            except Exception as e:
+                print(f"| {cfg} | {str(dt)[6:]} | failed: {type(e).__name__}: {str(e)[:80]} | | |")
+    A.GPU_TILES = default
+
 def census():
     from headscope.models import tiny_model
     from headscope.heads import pattern_scores, repeated_tokens, text_tokens
@@ -148,4 +176,4 @@ if __name__ == "__main__":
     if a.capture: capture(); sys.exit()
     if not torch.cuda.is_available(): sys.exit("This benchmark needs a CUDA GPU (run --capture here instead).")
     print(f"# attention_with_stats on {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    exactness(); timings(); census()
+    exactness(); timings(); sweep(); census()

@@ -1,4 +1,4 @@
-"""Bench `headscope.kernels.sparse_decode` (Triton gather decode) against embedding_bag and the dense decode.
+"""Bench `headscope.kernels.sae_decode` (Triton gather decode) against embedding_bag and the dense decode.
 
     python bench/bench_kernel_sparse_decode.py              # on a CUDA GPU (H100/H200), ~1 min
     python bench/bench_kernel_sparse_decode.py --cpu-smoke  # correctness only, small, Triton interpreter on CPU
@@ -20,7 +20,7 @@ if args.cpu_smoke: os.environ["TRITON_INTERPRET"] = "1"   # before any @triton.j
 
 import torch
 import headscope.kernels as K
-from headscope.kernels.sparse_decode import sparse_decode_reference
+from headscope.kernels.sae_decode import sparse_decode_reference
 HBM = 4.3e12   # H200 measured copy bandwidth, bytes/s
 
 def make(n, k, d_sae, d, dtype, dev, seed=0, ragged=False):
@@ -64,7 +64,7 @@ def smoke():
 def gpu():
     import triton
     from triton.testing import do_bench
-    from headscope.kernels.sparse_decode import _launch_fwd, _launch_bwd
+    from headscope.kernels.sae_decode import _launch_fwd, _launch_bwd
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     torch.backends.cuda.matmul.allow_tf32 = False   # fp32 dense decode in true fp32, as the kernel computes
     peer = None

@@ -1,4 +1,4 @@
-"""Bench `headscope.kernels.stat_topk`: the Triton kernel vs the torch reference vs an exact `torch.topk` (+ scatter).
+"""Bench `headscope.kernels.stat_threshold`: the Triton kernel vs the torch reference vs an exact `torch.topk` (+ scatter).
 
 GPU only (CUDA): `python bench/bench_kernel_stat_topk.py`. `--cpu-smoke` runs the correctness part on small CPU
 tensors in the Triton interpreter instead (no timings). Imports only torch, triton, numpy and headscope.kernels.
@@ -26,7 +26,7 @@ if not args.cpu_smoke and not torch.cuda.is_available():
 import headscope.kernels as K
 if not K.HAS_TRITON: sys.exit("bench_kernel_stat_topk needs triton (`pip install triton`)")
 import triton
-from headscope.kernels.stat_topk import stat_topk_reference, stat_topk_triton, _launch_bwd, _launch_fwd
+from headscope.kernels.stat_threshold import stat_topk_reference, stat_topk_triton, _launch_bwd, _launch_fwd
 
 BW = 4.3e12   # B/s, measured H200 copy bandwidth
 DEV = "cpu" if args.cpu_smoke else "cuda"
@@ -98,7 +98,7 @@ def main():
 
 def sweep(k):
     "Forward kernel time over (BLOCK_N, BLOCK_D, num_warps): the defaults should be near the best"
-    print(f"\nsweep (forward, hard, median ms; see `_tiles` in kernels/stat_topk.py for the default)")
+    print(f"\nsweep (forward, hard, median ms; see `_tiles` in kernels/stat_threshold.py for the default)")
     for (n, d) in SIZES:
         for dt in DTYPES:
             x = torch.randn(n, d, device=DEV).to(dt)

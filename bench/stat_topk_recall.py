@@ -1,4 +1,4 @@
-"""How good is the statistical top-k (`headscope.kernels.stat_topk`) as an approximate top-k? (CPU; not CI.)
+"""How good is the statistical top-k (`headscope.kernels.stat_threshold`) as an approximate top-k? (CPU; not CI.)
 
 `OMP_NUM_THREADS=1 python bench/stat_topk_recall.py` prints the tables and writes bench/results/stat_topk_recall.md.
 
@@ -16,7 +16,7 @@ the mean kept count equal 32.
 import os, time, statistics, tempfile
 from pathlib import Path
 import torch
-from headscope.kernels.stat_topk import stat_topk, gaussian_quantile
+from headscope.kernels.stat_threshold import stat_topk, gaussian_quantile
 
 OUT = Path(__file__).resolve().parent / "results" / "stat_topk_recall.md"
 N_TOKENS, N_HELD, EPOCHS, D_SAE, K = 2**16, 8192, 2, 4608, 32
@@ -140,7 +140,7 @@ def main():
     t0 = time.time()
     lines = ["# stat_topk: recall against exact top-k and the number kept", "",
              "Made by `OMP_NUM_THREADS=1 python bench/stat_topk_recall.py` (CPU, the torch reference of "
-             "`headscope.kernels.stat_topk`). θ = μ + σ·Φ⁻¹(1 − k/d) per row, keep `x > θ`. recall@k = |kept ∩ "
+             "`headscope.kernels.stat_threshold`). θ = μ + σ·Φ⁻¹(1 − k/d) per row, keep `x > θ`. recall@k = |kept ∩ "
              "top-k| / k averaged over rows; kept/k: the kept count per row over k. '+ ReLU': only positive values "
              "count in both sets (recall over the positive top-k values).", ""]
     gaussian_part(lines)

@@ -30,10 +30,12 @@ __all__ = ["HAS_TRITON", "has_triton", "interpreting", "backend_for", "pick", "f
            "sparse_decode", "sparse_decode_reference", "stat_topk", "stat_topk_reference"]
 
 BACKENDS = ("triton", "torch")
+# a module is never named like its op: importing a submodule sets the package attribute of its name,
+# which would shadow the op (`headscope.kernels.sparse_decode` must stay the function)
 OPS = {"scale_rows": "row_scale",                        # public op name -> module in this package that defines it
        "attention_with_stats": "attention_stats",        # flash-style attention + per-head row statistics (head census)
-       "sparse_decode": "sparse_decode",                 # TopK/BatchTopK SAE decode as a gather of k decoder rows
-       "stat_topk": "stat_topk"}                         # statistical top-k: a Gaussian-quantile threshold per row
+       "sparse_decode": "sae_decode",                    # TopK/BatchTopK SAE decode as a gather of k decoder rows
+       "stat_topk": "stat_threshold"}                    # statistical top-k: a Gaussian-quantile threshold per row
 _forced = contextvars.ContextVar("headscope_kernels_backend", default=None)
 
 @functools.cache

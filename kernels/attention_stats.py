@@ -110,7 +110,8 @@ def attention_with_stats_reference(q:Tensor,                  # [batch head q_po
     kf = k.float()
     vf = None if v is None else v.float()
     tgt_all = torch.full((b, nq), -1, dtype=torch.long, device=dev) if targets is None else targets.to(dev).long()
-    bm = None if mask is None else _bool_mask(mask)
+    bm = None if mask is None else _bool_mask(mask.to(dev))
+    gates = None if gates is None else gates.to(dev)
     raws, args, outs = [], [], []
     for q0 in range(0, nq, q_chunk):
         q1 = min(q0 + q_chunk, nq); c = q1 - q0
@@ -175,7 +176,7 @@ def attention_with_stats(q:Tensor, k:Tensor, v:Tensor|None=None, mask:Tensor|Non
                          force:str|None=None,       # None (automatic), 'triton' or 'torch'
                         )->tuple:                   # (out or None, {stat: [batch head q_pos]})
     "Attention output and per-head row statistics: the Triton kernel on CUDA, the chunked torch reference elsewhere"
-    ts = [t for t in (q, k, v, mask, targets, gates) if t is not None]
+    ts = [t for t in (q, k, v) if t is not None]     # the compute tensors decide; targets/mask/gates follow q's device
     return pick("attention_with_stats", *ts, force=force)(q, k, v, mask, scaling, softcap, targets, gates, q_chunk, k_chunk)
 
 def _dense_attention(q, k, v, mask, scaling, softcap, gates):
@@ -195,6 +196,21 @@ def _dense_attention(q, k, v, mask, scaling, softcap, gates):
 if has_triton():
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _weight_at(qf, K, M, bi, kvh, rq, qi, rd, t, q_ok, m, NK, D, scaling, softcap,
+                   skb, skh, skn, skd, smb, smq, smk, HAS_MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+        "exp(s_it - m_i) for one key index t_i per query (0 where t_i is out of range or not visible)"
+        valid = q_ok & (t >= 0) & (t < NK)
+        kr = tl.load(K + bi * skb + kvh * skh + t[:, None] * skn + rd[None, :] * skd,
+                     mask=valid[:, None] & (rd[None, :] < D), other=0.0).to(tl.float32)
+        st = tl.sum(qf * kr, 1) * scaling
+        if HAS_SOFTCAP:
+            x = st / softcap
+            st = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
+        if HAS_MASK: valid = valid & (tl.load(M + bi * smb + rq * smq + t * smk, mask=valid, other=0) != 0)
+        else: valid = valid & (t <= qi)
+        return tl.where(valid, tl.exp(st - m), 0.0)
 
     @triton.jit
     def _attn_stats_kernel(Q, K, V, M, T, G, O, R, A,
@@ -221,8 +237,7 @@ if has_triton():
         m = tl.full((BLOCK_Q,), ninf, tl.float32)
         Z = tl.zeros((BLOCK_Q,), tl.float32); S = tl.zeros((BLOCK_Q,), tl.float32); Dd = tl.zeros((BLOCK_Q,), tl.float32)
         Zn = tl.zeros((BLOCK_Q,), tl.float32); Sn = tl.zeros((BLOCK_Q,), tl.float32); Dn = tl.zeros((BLOCK_Q,), tl.float32)
-        cnt = tl.zeros((BLOCK_Q,), tl.float32); sink = tl.zeros((BLOCK_Q,), tl.float32)
-        prev = tl.zeros((BLOCK_Q,), tl.float32); targ = tl.zeros((BLOCK_Q,), tl.float32)
+        cnt = tl.zeros((BLOCK_Q,), tl.float32)
         arg = tl.zeros((BLOCK_Q,), tl.int32)
         acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
         if HAS_MASK: hi_k = NK
@@ -245,26 +260,29 @@ if has_triton():
             else:
                 ok = ok & (kj[None, :] <= qi[:, None])
             s = tl.where(ok, s, ninf)
-            m_new = tl.maximum(m, tl.max(s, 1))
+            cm = tl.max(s, 1)
+            m_new = tl.maximum(m, cm)
             safe = tl.where(m_new == ninf, 0.0, m_new)
             a = tl.exp(m - safe)                                       # 0 while m is -inf
             dm = tl.where(m == ninf, 0.0, m - safe)
             e = tl.exp(s - safe[:, None])                               # masked keys: 0
             sr = tl.where(ok, s - safe[:, None], 0.0)
             dist = tl.abs(qi[:, None] - kj[None, :]).to(tl.float32)
-            en = tl.where(kj[None, :] == 0, 0.0, e)
-            S = a * (S + dm * Z) + tl.sum(e * sr, 1)
-            Sn = a * (Sn + dm * Zn) + tl.sum(en * sr, 1)
-            Z = a * Z + tl.sum(e, 1)
-            Zn = a * Zn + tl.sum(en, 1)
-            Dd = a * Dd + tl.sum(e * dist, 1)
-            Dn = a * Dn + tl.sum(en * dist, 1)
-            cnt += tl.sum(ok.to(tl.float32), 1)
-            sink = a * sink + tl.sum(tl.where(kj[None, :] == 0, e, 0.0), 1)
-            prev = a * prev + tl.sum(tl.where(kj[None, :] == qi[:, None] - 1, e, 0.0), 1)
-            targ = a * targ + tl.sum(tl.where(kj[None, :] == tg[:, None], e, 0.0), 1)
-            cm = tl.max(s, 1)                                           # the tile's best key: the first one at the max
-            ci = tl.min(tl.where(s == cm[:, None], kj[None, :], 2147483647), 1)
+            # five row reductions per tile (max, three sums, the arg-max index): the statistics' whole cost
+            sZ = tl.sum(e, 1); sS = tl.sum(e * sr, 1); sD = tl.sum(e * dist, 1)
+            if k0 == 0:                                                # only the first tile holds key 0
+                en = tl.where(kj[None, :] == 0, 0.0, e)
+                nZ = tl.sum(en, 1); nS = tl.sum(en * sr, 1); nD = tl.sum(en * dist, 1)
+            else:
+                nZ = sZ; nS = sS; nD = sD
+            S = a * (S + dm * Z) + sS
+            Sn = a * (Sn + dm * Zn) + nS
+            Z = a * Z + sZ
+            Zn = a * Zn + nZ
+            Dd = a * Dd + sD
+            Dn = a * Dn + nD
+            if HAS_MASK: cnt += tl.sum(ok.to(tl.float32), 1)
+            ci = tl.min(tl.where(s == cm[:, None], kj[None, :], 2147483647), 1)   # the tile's first key at its max
             arg = tl.where(cm > m, ci, arg)
             if HAS_V:
                 vt = tl.load(V + bi * svb + kvh * svh + kj[:, None] * svn + rd[None, :] * svd,
@@ -273,6 +291,17 @@ if has_triton():
                 else: pv = tl.dot(e, vt.to(tl.float32), input_precision="ieee")
                 acc = acc * a[:, None] + pv
             m = m_new
+        # sink, previous-token and target weights: one key per query, so read after the loop as
+        # exp(s_t - m) from a gathered key row rather than as three masked sums in every tile
+        safe = tl.where(m == ninf, 0.0, m)
+        qf = q.to(tl.float32)
+        sink = _weight_at(qf, K, M, bi, kvh, rq, qi, rd, tl.zeros((BLOCK_Q,), tl.int64), q_ok, safe, NK, D, scaling, softcap,
+                          skb, skh, skn, skd, smb, smq, smk, HAS_MASK, HAS_SOFTCAP)
+        prev = _weight_at(qf, K, M, bi, kvh, rq, qi, rd, (qi - 1).to(tl.int64), q_ok, safe, NK, D, scaling, softcap,
+                          skb, skh, skn, skd, smb, smq, smk, HAS_MASK, HAS_SOFTCAP)
+        targ = _weight_at(qf, K, M, bi, kvh, rq, qi, rd, tg.to(tl.int64), q_ok, safe, NK, D, scaling, softcap,
+                          skb, skh, skn, skd, smb, smq, smk, HAS_MASK, HAS_SOFTCAP)
+        if not HAS_MASK: cnt = tl.minimum(qi + 1, NK).to(tl.float32)  # causal: keys 0..i
         base = R + (bi * H + hi) * NQ + rq                            # raw sums: [stat batch head q_pos]
         tl.store(base + 0 * s_raw, Z, mask=q_ok); tl.store(base + 1 * s_raw, S, mask=q_ok)
         tl.store(base + 2 * s_raw, Dd, mask=q_ok); tl.store(base + 3 * s_raw, Zn, mask=q_ok)
@@ -288,6 +317,9 @@ if has_triton():
 
     def _pow2_at_least_16(n): return n >= 16 and (n & (n - 1)) == 0
 
+    # GPU tiles (max query tile, max key tile, warps); `bench/bench_kernel_attention_stats.py --sweep` times others
+    GPU_TILES = (64, 64, 4)
+
     def _tile(chunk:int, cap:int)->int:
         "The largest power of two <= min(chunk, cap), at least 16 (tl.dot's smallest tile)"
         return max(16, 1 << (max(int(min(chunk, cap)), 1).bit_length() - 1))
@@ -298,7 +330,7 @@ if has_triton():
         interp = interpreting() and not q.is_cuda
         # GPU tiles: 64 x 64 keeps q, one K/V tile, the fp32 scores and the accumulator in registers;
         # the interpreter prefers few, large tiles (it runs programs one after another)
-        cap_q, cap_k = (128, 128) if interp else (64, 64)
+        cap_q, cap_k, warps = (128, 128, 4) if interp else GPU_TILES
         bq, bk = _tile(q_chunk, cap_q), _tile(k_chunk, cap_k)
         bd = max(16, triton.next_power_of_2(d))
         assert _pow2_at_least_16(bq) and _pow2_at_least_16(bk) and _pow2_at_least_16(bd), (bq, bk, bd)
@@ -313,12 +345,13 @@ if has_triton():
         arg = torch.empty(b, h, nq, dtype=torch.long, device=dev)
         out = torch.empty(b, h, nq, d, dtype=out_dtype, device=dev) if v is not None else raw  # raw: a dummy pointer
         if mask is not None:
-            mb = _bool_mask(mask)[:, 0].to(torch.int8)                 # [batch|1 q_pos k_pos]
+            mb = _bool_mask(mask.to(dev))[:, 0].to(torch.int8)                 # [batch|1 q_pos k_pos]
             smb = 0 if mb.shape[0] == 1 else mb.stride(0)
             smq, smk = mb.stride(1), mb.stride(2)
         else: mb, smb, smq, smk = raw, 0, 0, 0
         tg = targets.to(dev).long() if targets is not None else arg
         stb, stq = (tg.stride(0), tg.stride(1)) if targets is not None else (0, 0)
+        gates = None if gates is None else gates.to(dev)
         gt = (gates.float().expand(b, h) if gates.ndim == 2 else gates.float()[None].expand(b, h)).contiguous() if gates is not None else raw
         vv = v if v is not None else k
         if nq and b and h:
@@ -329,7 +362,7 @@ if has_triton():
                                      *(out.stride() if v is not None else (0, 0, 0, 0)), b * h * nq,
                                      HAS_V=v is not None, HAS_MASK=mask is not None, HAS_SOFTCAP=softcap is not None,
                                      HAS_TARGETS=targets is not None, HAS_GATES=gates is not None, LOWP=lowp,
-                                     BLOCK_Q=bq, BLOCK_K=bk, BLOCK_D=bd, num_warps=4)
+                                     BLOCK_Q=bq, BLOCK_K=bk, BLOCK_D=bd, num_warps=warps)
         rawd = dict(zip(_RAW, raw.unbind(0)))
         qi = torch.arange(nq, device=dev) + (nk - nq)
         t_prev = (qi - 1).expand(b, nq)

@@ -1,11 +1,11 @@
-"""headscope.kernels.sparse_decode: the SAE decode as a gather of k decoder rows, Triton vs the embedding_bag reference.
+"""headscope.kernels.sae_decode: the SAE decode as a gather of k decoder rows, Triton vs the embedding_bag reference.
 
 Triton runs on CPU through the interpreter (TRITON_INTERPRET=1, set in conftest.py) and on CUDA when there is one."""
 import pytest, torch
 
 import headscope.kernels as K
 from headscope.kernels import pick, force_backend, backend_for
-from headscope.kernels.sparse_decode import sparse_decode, sparse_decode_reference
+from headscope.kernels.sae_decode import sparse_decode, sparse_decode_reference
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = dict(rtol=1e-5, atol=1e-5)   # fp32: the atomics add partial sums in any order
@@ -161,7 +161,7 @@ def test_dispatch():
 
 @triton_ok
 def test_launcher_refuses_small_or_odd_tiles():
-    from headscope.kernels.sparse_decode import _launch_fwd
+    from headscope.kernels.sae_decode import _launch_fwd
     vals, idx, W = _fixed(4, 2, 10, 20)
     for bn, bd in [(8, 32), (16, 24), (16, 8)]:
         with pytest.raises(AssertionError, match="powers of two >= 16"): _launch_fwd(vals, idx, W, block_n=bn, block_d=bd)

@@ -1,4 +1,4 @@
-"""headscope.kernels.stat_topk: the Gaussian-quantile threshold, Triton vs the torch reference vs float64.
+"""headscope.kernels.stat_threshold: the Gaussian-quantile threshold, Triton vs the torch reference vs float64.
 
 Triton runs on CPU through the interpreter (TRITON_INTERPRET=1, set in conftest.py) and on CUDA when there is one."""
 import statistics
@@ -6,7 +6,7 @@ import pytest, torch
 
 import headscope.kernels as K
 from headscope.kernels import pick, force_backend
-from headscope.kernels.stat_topk import stat_topk, stat_topk_reference, gaussian_quantile
+from headscope.kernels.stat_threshold import stat_topk, stat_topk_reference, gaussian_quantile
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 7), (5, 37), (33, 130), (2, 3, 50)]
@@ -71,11 +71,9 @@ def test_dispatch():
     v, t = stat_topk(x, 4, force="torch")
     torch.testing.assert_close(t.double(), _theta64(x, 4), rtol=0, atol=1e-5)
 
-@pytest.mark.xfail(reason="kernels/__init__.py: importing the op module `stat_topk` sets the package attribute "
-                          "`stat_topk` to the module, which shadows the op of the same name", strict=False)
 def test_package_attribute_is_the_op():
     from headscope.kernels import stat_topk as op
-    import headscope.kernels.stat_topk  # noqa: F401
+    import headscope.kernels.stat_threshold  # noqa: F401
     assert callable(K.stat_topk) and K.stat_topk is stat_topk and op is stat_topk
 
 @triton_ok
@@ -100,7 +98,7 @@ def test_triton_matches_reference(shape, soft):
 @pytest.mark.parametrize("tiles", [(1, 16), (2, 32), (4, 64), (16, 16)])
 def test_triton_multi_tile_statistics(tiles):
     "Rows longer than a tile: Chan's merge of per-tile statistics, exact enough even when |mean| >> std"
-    from headscope.kernels.stat_topk import _launch_fwd
+    from headscope.kernels.stat_threshold import _launch_fwd
     block_n, block_d = tiles
     x = _rand(9, 130, seed=4, scale=0.01, shift=1000.)       # a one-pass Σx² − (Σx)²/d in fp32 loses σ entirely here
     ref = _theta64(x, 6)
@@ -151,7 +149,7 @@ def test_triton_gradients(shape, soft):
 
 @triton_ok
 def test_launcher_refuses_odd_tiles():
-    from headscope.kernels.stat_topk import _launch_fwd, _launch_bwd
+    from headscope.kernels.stat_threshold import _launch_fwd, _launch_bwd
     x = torch.randn(4, 20, device=DEV)
     for bn, bd in [(3, 32), (16, 24), (16, 8)]:
         with pytest.raises(AssertionError, match="powers of two"): _launch_fwd(x, 2, False, block_n=bn, block_d=bd)

@@ -107,7 +107,8 @@ def test_triton_gradients_match_reference():
 @triton_ok
 def test_launcher_refuses_small_or_odd_tiles():
     from headscope.kernels.row_scale import _launch
-    x, s = torch.randn(4, 20), torch.randn(4)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x, s = torch.randn(4, 20, device=dev), torch.randn(4, device=dev)
     for bn, bd in [(8, 32), (16, 24), (16, 8)]:
         with pytest.raises(AssertionError, match="powers of two >= 16"): _launch(x, s, block_n=bn, block_d=bd)
     torch.testing.assert_close(_launch(x, s, block_n=16, block_d=16), scale_rows_reference(x, s), rtol=0, atol=0)
@@ -142,3 +143,12 @@ def test_wheel_holds_every_subpackage(tmp_path):
     assert want <= got, f"missing from the install: {sorted(want - got)}"
     assert (tmp_path/"site"/"headscope"/"kernels"/"attention_stats.py").exists()
     assert not (tmp_path/"site"/"kernels").exists()
+
+def test_every_op_resolves_to_its_function():
+    "Each public op is the function, also after its module was imported (no module is named like an op)"
+    import importlib
+    for op, modname in K.OPS.items():
+        assert op != modname, f"module {modname!r} shadows op {op!r}"
+        mod = importlib.import_module(f"headscope.kernels.{modname}")
+        assert callable(getattr(K, op)) and getattr(K, op) is getattr(mod, op), op
+        assert getattr(K, f"{op}_reference") is getattr(mod, f"{op}_reference")

@@ -8,7 +8,7 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from .core import SAE, SAEConfig, register_sae
-from ..kernels.sparse_decode import sparse_decode
+from ..kernels import sparse_decode
 
 # %% auto #0
 __all__ = ['TopKSAE', 'BatchTopKSAE']
