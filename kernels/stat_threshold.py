@@ -66,14 +66,14 @@ def stat_topk_reference(x:Tensor,          # [... d] (e.g. SAE pre-activations [
                         k:int,             # the nominal number kept per row, 0 < k < d
                         soft:bool=False,   # False: x·1[x>θ]; True: max(x−θ, 0)
                        )->tuple[Tensor,Tensor]: # values [... d] in x's dtype, theta [...] fp32
-    "Pure-torch reference: θ = mean + std·Φ⁻¹(1−k/d) per row (population std, fp32), then threshold; θ is stop-gradient"
+    "Pure-torch reference: θ = mean + std·Φ⁻¹(1−k/d) per row (population std, fp32 or float64), then threshold; θ is stop-gradient"
     _check(x, k, soft)
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))   # fp32 arithmetic, float64 kept as it is
     var, mu = torch.var_mean(xf.detach(), dim=-1, correction=0)
     theta = mu + var.sqrt() * gaussian_quantile(k, x.shape[-1])
     t = theta.unsqueeze(-1)
     vals = (xf - t).clamp_min(0) if soft else xf * (xf > t)
-    return vals.to(x.dtype), theta
+    return vals.to(x.dtype), theta.float()
 
 def stat_topk(x:Tensor,                 # [... d]
               k:int,                    # the nominal number kept per row, 0 < k < d

@@ -8,7 +8,7 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from .core import SAE, SAEConfig, register_sae
-from ..kernels import sparse_decode
+from ..kernels import sparse_decode, stat_topk
 
 # %% auto #0
 __all__ = ['TopKSAE', 'BatchTopKSAE']
@@ -28,7 +28,9 @@ class TopKSAE(SAE):
     def __init__(self, cfg:SAEConfig, seed:int|None=None):
         if not cfg.k or not 0 < cfg.k <= cfg.d_sae: raise ValueError(f"{cfg.architecture} needs 0 < k <= d_sae={cfg.d_sae}; got k={cfg.k}")
         super().__init__(cfg, seed)
-    def act(self, h:Tensor)->Tensor: return _topk_relu(h, self.cfg.k)
+    approx:str|None = None  # 'stat': the statistical top-k of Spark Transformer instead of the exact one (not saved)
+    def act(self, h:Tensor)->Tensor:
+        return stat_topk(h, self.cfg.k)[0].relu() if self.approx == 'stat' else _topk_relu(h, self.cfg.k)
 
     def encode_topk(self, x:Tensor,      # [... d_in]
                    )->tuple[Tensor,Tensor]: # vals, idx: [... k] kept activations (ReLU'd) and their latents
@@ -65,6 +67,10 @@ class TopKSAE(SAE):
         return self._auxk(x, h, recon, dead)
 
     def _code(self, h:Tensor):  # [n d_sae] -> (vals, idx, offsets|None): sparse training code
+        if self.approx == 'stat':                          # a varying count per row: one run per row, as BatchTopK
+            a = stat_topk(h, self.cfg.k)[0].relu()
+            r, i = (a > 0).nonzero(as_tuple=True)          # row-major
+            return a[r, i], i, torch.searchsorted(r, torch.arange(h.shape[0], device=h.device))
         v, i = h.topk(self.cfg.k, dim=-1, sorted=False)
         return v.relu(), i, None
 
