@@ -5,21 +5,20 @@
 # %% ../nbs/05a_heads.ipynb #2c728291
 from __future__ import annotations
 import html, math, random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 import torch
 from torch import nn, Tensor
 from tqdm.auto import tqdm
 from .arch import arch_spec, blocks, get_module, model_dims
 from .hooking import hooks, to_inputs, forward, _keep_last
 from .lens import token_strs
-from .kernels import attention_with_stats
-from .kernels.attention_stats import STAT_NAMES
+from . import kernels as hk   # ops load (with triton) on first use, not at import
 
 # %% auto #0
-__all__ = ['PATTERN_SCORES', 'CAUSAL_SCORES', 'SCORE_DESCRIPTIONS', 'DEFAULT_ROLES', 'AttentionStats', 'attention_stats',
-           'stats_from_pattern', 'max_positions', 'repeated_tokens', 'default_text', 'text_tokens', 'pattern_scores',
-           'NeedleTask', 'needle_tasks', 'RetrievalResult', 'retrieval_scores', 'ablation_scores', 'head_out_weights',
-           'fold_norm', 'head_dla', 'HeadCensus', 'head_census']
+__all__ = ['STAT_NAMES', 'PATTERN_SCORES', 'CAUSAL_SCORES', 'SCORE_DESCRIPTIONS', 'DEFAULT_ROLES', 'AttentionStats',
+           'attention_stats', 'stats_from_pattern', 'max_positions', 'repeated_tokens', 'default_text', 'text_tokens',
+           'pattern_scores', 'NeedleTask', 'needle_tasks', 'RetrievalResult', 'retrieval_scores', 'ablation_scores',
+           'head_out_weights', 'fold_norm', 'head_dla', 'HeadCensus', 'head_census']
 
 # %% ../nbs/05a_heads.ipynb #6d2d121f
 @dataclass
@@ -31,6 +30,8 @@ class AttentionStats:
 
     def __repr__(self): return f"AttentionStats([batch head q_pos] = {list(self.sink.shape)})"
 
+STAT_NAMES = tuple(f.name for f in fields(AttentionStats))   # the kernel op's statistics, in its order
+
 def attention_stats(q:Tensor,                 # [batch head q_pos d_head] queries (after rotary)
                     k:Tensor,                 # [batch kv_head k_pos d_head] keys (the model's own KV heads)
                     mask:Tensor|None=None,    # [batch|1 1 q_pos k_pos] bool (True = attend) or additive; None = causal
@@ -41,7 +42,7 @@ def attention_stats(q:Tensor,                 # [batch head q_pos d_head] querie
                     k_chunk:int=1024,
                    )->AttentionStats:
     "Statistics of every attention row from `q` and `k` in `[q_chunk k_chunk]` tiles, never forming the pattern"
-    _, st = attention_with_stats(q, k, None, mask, scaling, softcap, targets, None, q_chunk, k_chunk)
+    _, st = hk.attention_with_stats(q, k, None, mask, scaling, softcap, targets, None, q_chunk, k_chunk)
     return AttentionStats(**st)
 
 # %% ../nbs/05a_heads.ipynb #fad38ced

@@ -78,6 +78,10 @@ def _bool_mask(mask:Tensor)->Tensor:
     "True where a query may see a key: bool masks as they are, additive masks where not ~-inf"
     return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
+def _gates_bh(gates:Tensor, b:int, h:int)->Tensor:
+    "Gates as fp32 `[batch head]`, from `[head]` or `[batch head]`"
+    return gates.float().expand(b, h)
+
 def _finalize(raw:dict, arg:Tensor)->dict:
     "The statistics from the running sums (all `[batch head q_pos]`, fp32)"
     Z, Zn = raw["Z"], raw["Zn"]
@@ -170,7 +174,7 @@ def attention_with_stats_reference(q:Tensor,                  # [batch head q_po
     out = None
     if v is not None:
         out = cat(outs) if outs else torch.empty(b, h, 0, d, **f32)
-        if gates is not None: out = out * (gates.float().expand(b, h) if gates.ndim == 2 else gates.float()[None].expand(b, h))[..., None, None]
+        if gates is not None: out = out * _gates_bh(gates, b, h)[..., None, None]
         out = out.to(v.dtype)
     return out, stats
 
@@ -194,12 +198,17 @@ def _dense_attention(q, k, v, mask, scaling, softcap, gates):
     ok = (torch.arange(nk, device=q.device)[None] <= torch.arange(nk - nq, nk, device=q.device)[:, None])[None, None] \
          if mask is None else _bool_mask(mask)
     out = torch.softmax(s.masked_fill(~ok, -math.inf), -1) @ vv
-    if gates is not None: out = out * (gates.float().expand(b, h) if gates.ndim == 2 else gates.float()[None].expand(b, h))[..., None, None]
+    if gates is not None: out = out * _gates_bh(gates, b, h)[..., None, None]
     return out
 
 if has_triton():
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _softcap(s, cap):
+        "cap * tanh(s / cap), with tanh from exp (no libdevice in the interpreter)"
+        return cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
 
     @triton.jit
     def _weight_at(qf, K, M, bi, kvh, rq, qi, rd, t, q_ok, m, NK, D, scaling, softcap,
@@ -209,9 +218,7 @@ if has_triton():
         kr = tl.load(K + bi * skb + kvh * skh + t[:, None] * skn + rd[None, :] * skd,
                      mask=valid[:, None] & (rd[None, :] < D), other=0.0).to(tl.float32)
         st = tl.sum(qf * kr, 1) * scaling
-        if HAS_SOFTCAP:
-            x = st / softcap
-            st = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
+        if HAS_SOFTCAP: st = _softcap(st, softcap)
         if HAS_MASK: valid = valid & (tl.load(M + bi * smb + rq * smq + t * smk, mask=valid, other=0) != 0)
         else: valid = valid & (t <= qi)
         return tl.where(valid, tl.exp(st - m), 0.0)
@@ -254,9 +261,7 @@ if has_triton():
             if LOWP: s = tl.dot(q, kt)
             else: s = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
             s = s * scaling
-            if HAS_SOFTCAP:                                            # softcap * tanh(s / softcap), tanh from exp
-                x = s / softcap
-                s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
+            if HAS_SOFTCAP: s = _softcap(s, softcap)
             ok = q_ok[:, None] & k_ok[None, :]
             if HAS_MASK:
                 mv = tl.load(M + bi * smb + rq[:, None] * smq + kj[None, :] * smk, mask=ok, other=0)
@@ -358,7 +363,7 @@ if has_triton():
         tg = targets.to(dev).long() if targets is not None else arg
         stb, stq = (tg.stride(0), tg.stride(1)) if targets is not None else (0, 0)
         gates = None if gates is None else gates.to(dev)
-        gt = (gates.float().expand(b, h) if gates.ndim == 2 else gates.float()[None].expand(b, h)).contiguous() if gates is not None else raw
+        gt = _gates_bh(gates, b, h).contiguous() if gates is not None else raw
         vv = v if v is not None else k
         if nq and b and h:
             grid = (triton.cdiv(nq, bq), b * h)

@@ -152,3 +152,15 @@ def test_every_op_resolves_to_its_function():
         mod = importlib.import_module(f"headscope.kernels.{modname}")
         assert callable(getattr(K, op)) and getattr(K, op) is getattr(mod, op), op
         assert getattr(K, f"{op}_reference") is getattr(mod, f"{op}_reference")
+
+def test_analyses_load_triton_lazily(tmp_path):
+    "Importing the head census or the TopK SAE does not import triton; their first kernel call does"
+    out = _run("""
+        import sys, torch
+        import headscope.heads, headscope.sae.topk
+        print('triton' in sys.modules)
+        from headscope.heads import STAT_NAMES
+        from headscope.kernels.attention_stats import STAT_NAMES as KERNEL_STAT_NAMES
+        print(STAT_NAMES == KERNEL_STAT_NAMES)
+        """, cwd=tmp_path)
+    assert out.split()[-2:] == ["False", "True"]

@@ -8,7 +8,7 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 from .core import SAE, SAEConfig, register_sae
-from ..kernels import sparse_decode, stat_topk
+from .. import kernels as hk   # ops load (with triton) on first use, not at import
 
 # %% auto #0
 __all__ = ['TopKSAE', 'BatchTopKSAE']
@@ -20,7 +20,7 @@ def _topk_relu(h:Tensor, k:int)->Tensor:  # [... d] -> [... d], at most k nonzer
 
 def _bag(vals:Tensor, idx:Tensor, W:Tensor, offsets:Tensor|None=None)->Tensor:
     "Σ_j vals_j W[idx_j] per bag: rows of `[n k]` (offsets None) or 1-D runs starting at `offsets`"
-    return sparse_decode(vals, idx, W, offsets)   # Triton on CUDA, `F.embedding_bag` elsewhere
+    return hk.sparse_decode(vals, idx, W, offsets)   # Triton on CUDA, `F.embedding_bag` elsewhere
 
 @register_sae('topk')
 class TopKSAE(SAE):
@@ -30,7 +30,7 @@ class TopKSAE(SAE):
         super().__init__(cfg, seed)
     approx:str|None = None  # 'stat': the statistical top-k of Spark Transformer instead of the exact one (not saved)
     def act(self, h:Tensor)->Tensor:
-        return stat_topk(h, self.cfg.k)[0].relu() if self.approx == 'stat' else _topk_relu(h, self.cfg.k)
+        return hk.stat_topk(h, self.cfg.k)[0].relu() if self.approx == 'stat' else _topk_relu(h, self.cfg.k)
 
     def encode_topk(self, x:Tensor,      # [... d_in]
                    )->tuple[Tensor,Tensor]: # vals, idx: [... k] kept activations (ReLU'd) and their latents
@@ -68,7 +68,7 @@ class TopKSAE(SAE):
 
     def _code(self, h:Tensor):  # [n d_sae] -> (vals, idx, offsets|None): sparse training code
         if self.approx == 'stat':                          # a varying count per row: one run per row, as BatchTopK
-            a = stat_topk(h, self.cfg.k)[0].relu()
+            a = hk.stat_topk(h, self.cfg.k)[0].relu()
             r, i = (a > 0).nonzero(as_tuple=True)          # row-major
             return a[r, i], i, torch.searchsorted(r, torch.arange(h.shape[0], device=h.device))
         v, i = h.topk(self.cfg.k, dim=-1, sorted=False)
