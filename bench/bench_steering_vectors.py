@@ -20,7 +20,7 @@ source, `train_steering_vector.py`, `record_activations.py`, `steering_vector.py
   l < n_layers - 1), one unpadded prompt at a time, averaged in float64.
 - (b) steered logits: `SteeringVector.apply(model, multiplier=c)` (its default `min_token_index=0`: the
   vector is added at every position of every forward, pads included, and at each generated token) against
-  `headscope.steering.steer(model, vec, coeff=c)` (its default `pos=None`: every position, pads included,
+  `headscope.probes.steering.steer(model, vec, coeff=c)` (its default `pos=None`: every position, pads included,
   and each generated token). Same semantics, so nothing is adjusted. Logits are compared at real tokens
   of one left-padded batch; pads never reach a real token (the attention mask hides them).
   Done twice: each package with its own vector (end to end), and both with the same vector (the
@@ -84,7 +84,7 @@ def main():
     import steering_vectors as sv
     from headscope.models import load_model
     from headscope.hooking import to_inputs
-    from headscope.steering import SteeringVector, diff_in_means, steer
+    from headscope.probes.steering import SteeringVector, diff_in_means, steer
     from bench_cache import Quiet
 
     vers = {p: version(p) for p in ("torch", "transformers", "steering-vectors", "headscope")}

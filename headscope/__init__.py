@@ -7,23 +7,26 @@ import importlib
 
 _LAZY = {
     "models": ["load_model", "tiny_model", "model_summary", "TINY_ARCHS", "byte_tokenizer", "embedded_gguf_path", "headscope_cache_dir"],
-    "arch": ["model_hook_names", "resolve_names", "model_dims", "arch_spec", "act_name", "SUPPORTED_ARCHS"],
-    "hooking": ["hooks", "run_with_hooks", "patch", "ablate", "scale", "add", "to_inputs", "HookContext"],
+    "arch": ["model_hook_names", "resolve_names", "model_dims", "arch_spec", "act_name", "SUPPORTED_ARCHS",
+             "check_layers", "check_head", "head_out_weights", "fold_norm"],
+    "tokens": ["to_inputs", "token_strs", "single_token_id", "single_token_ids", "pos_index"],
+    "hooking": ["hooks", "run_with_hooks", "run_until", "StopForward", "patch", "ablate", "scale", "add", "HookContext"],
     "cache": ["run_with_cache", "estimate_cache", "ActivationCache"],
-    "lens": ["top_predictions", "logit_lens"],
-    "heads": ["head_census", "HeadCensus", "pattern_scores", "retrieval_scores", "ablation_scores", "head_dla",
+    "results": ["ScoreGrid", "Top"],
+    "causal.lens": ["top_predictions", "logit_lens"],
+    "heads.census": ["head_census", "HeadCensus", "pattern_scores", "retrieval_scores", "ablation_scores", "head_dla",
               "attention_stats", "needle_tasks", "repeated_tokens", "text_tokens"],
-    "patching": ["activation_patching", "naive_patching", "PatchingResult", "PromptPairs", "ioi_pairs", "fact_pairs",
+    "causal.patching": ["activation_patching", "PatchingResult", "PromptPairs", "ioi_pairs", "fact_pairs",
                  "single_token_names", "logit_diff", "answer_prob", "answer_loss", "kl_div", "normalise", "KINDS", "HEAD_KINDS", "FACTS"],
-    "ablation": ["ablate_heads", "ablate_mlps", "ablate_attn", "ablate_direction", "Ablation", "DirectionAblation",
+    "causal.ablation": ["ablate_heads", "ablate_mlps", "ablate_attn", "ablate_direction", "Ablation", "DirectionAblation",
                  "circuit_eval", "CircuitEval", "faithfulness_curve", "FaithfulnessCurve", "rank_heads", "component", "MODES"],
-    "attribution": ["attribution_patching", "AttributionResult", "edge_attribution_patching", "EdgeScores", "agreement", "frozen_params"],
-    "paths": ["path_patching", "PathPatchingResult", "VIAS"],
-    "dla": ["direct_logit_attribution", "DirectLogitAttribution"],
-    "probing": ["labelled_prompts", "LabelledPrompts", "collect_activations", "Activations", "train_probes", "ProbeResult", "DATASETS"],
-    "steering": ["SteeringVector", "diff_in_means", "pca_direction", "steering_vector", "steer", "steering_hooks", "scale_heads",
+    "causal.attribution": ["attribution_patching", "AttributionResult", "edge_attribution_patching", "EdgeScores", "agreement", "frozen_params"],
+    "causal.paths": ["path_patching", "PathPatchingResult", "VIAS"],
+    "causal.dla": ["direct_logit_attribution", "DirectLogitAttribution"],
+    "probes.probing": ["labelled_prompts", "LabelledPrompts", "collect_activations", "Activations", "train_probes", "ProbeResult", "DATASETS"],
+    "probes.steering": ["SteeringVector", "diff_in_means", "pca_direction", "steering_vector", "steer", "steering_hooks", "scale_heads",
                  "steering_sweep", "SteeringSweep"],
-    "gact": ["gact_fit", "GACT", "steer_eval"],
+    "probes.gact": ["gact_fit", "GACT", "steer_eval"],
     "sae.core": ["SAE", "SAEConfig", "make_sae", "save_sae", "load_sae", "SAE_ARCHS", "register_sae", "init_b_dec", "geometric_median"],
     "sae.activations": ["ActivationStore", "cache_activations", "DiskActivations", "python_docs_corpus", "stdlib_corpus",
                         "text_corpus", "token_windows"],
@@ -42,8 +45,11 @@ _LAZY = {
     "views.steering": ["steered_generation_html", "steer_generate", "SteeringPlayground"],
     "views.sae": ["feature_card_html", "feature_effect", "FeatureBrowser"],
 }
+# reachable as `headscope.NAME` but not advertised: test references, kept for code written before the re-cut
+_UNLISTED = {"naive_patching": "causal.patching"}
 _WHERE = {name: mod for mod, names in _LAZY.items() for name in names}
 __all__ = sorted(_WHERE)
+_WHERE.update(_UNLISTED)
 
 def __getattr__(name):
     if name in _WHERE:

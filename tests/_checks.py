@@ -110,3 +110,28 @@ def check_replacement_changes_downstream(model, c, layer=0):
         if n not in c: continue
         out = run_with_hooks(model, ids, [(n, lambda a, h: a * 2)])
         assert maxdiff(out, c.logits) > 1e-4, n
+
+def hook_state(model):
+    "Every PyTorch hook and headscope mark on `model`, and its attention implementation(s): a snapshot to compare"
+    mods = {n: (len(mod._forward_hooks), len(mod._forward_pre_hooks), len(getattr(mod, "_forward_hooks_with_kwargs", {})),
+                hasattr(mod, "_headscope_taps")) for n, mod in model.named_modules()}
+    cfgs = [model.config] + [getattr(model.config, k) for k in ("text_config", "vision_config") if hasattr(model.config, k)]
+    return {"modules": mods, "attn": [getattr(c, "_attn_implementation", None) for c in cfgs]}
+
+def assert_no_hooks(model, before=None):
+    """Nothing headscope attached is left on `model`: no PyTorch forward (pre-)hook, no attention tap, and the
+    attention implementation is the model's own again, not a registered `headscope_*` one. With `before` (a
+    `hook_state` taken earlier) the state must equal it (for models whose own code registers hooks); without it,
+    no module may carry any hook at all."""
+    now = hook_state(model)
+    impls = [a for a in now["attn"] if a is not None]
+    assert not any(str(a).startswith("headscope") for a in impls), f"attention implementation left switched: {impls}"
+    from headscope.attention import _BASES
+    assert not any(a in _BASES for a in impls), f"a headscope attention registration is still in use: {impls}"
+    if before is not None:
+        assert now["attn"] == before["attn"], f"attention implementation changed: {before['attn']} -> {now['attn']}"
+        diff = {n: (before["modules"].get(n), v) for n, v in now["modules"].items() if before["modules"].get(n) != v}
+        assert not diff, f"hooks left on {sorted(diff)[:5]}: {list(diff.values())[:5]}"
+    else:
+        left = [n or "<model>" for n, v in now["modules"].items() if any(v)]
+        assert not left, f"hooks or taps left on {left[:5]}"

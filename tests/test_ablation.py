@@ -9,8 +9,8 @@ from headscope.models import tiny_model, TINY_ARCHS
 from headscope.arch import model_dims
 from headscope.cache import run_with_cache
 from headscope.hooking import hooks, run_with_hooks, add
-from headscope.patching import PromptPairs
-from headscope.ablation import (ablate_heads, ablate_mlps, ablate_attn, ablate_direction, circuit_eval, faithfulness_curve,
+from headscope.causal.patching import PromptPairs
+from headscope.causal.ablation import (ablate_heads, ablate_mlps, ablate_attn, ablate_direction, circuit_eval, faithfulness_curve,
                                 rank_heads, component, FaithfulnessCurve, CircuitEval)
 
 O_PROJ = {"gpt2": ("transformer.h", "attn.c_proj"), "gpt_neox": ("gpt_neox.layers", "attention.dense")}
@@ -280,7 +280,7 @@ def test_curve_html_and_errors(llama):
 @pytest.mark.slow
 def test_smollm2_circuit_matches_plain_hf(smollm2):
     "SmolLM2 (GQA, 9 query heads on 3 KV heads): a circuit's metric equals z mean-ablated by hand at o_proj"
-    from headscope.patching import ioi_pairs
+    from headscope.causal.patching import ioi_pairs
     pairs = ioi_pairs(smollm2.tokenizer, 4)
     metric = pairs.logit_diff()
     keep = {"L23H3", "L29H1", "L20H0"}

@@ -9,7 +9,7 @@ import pytest, torch
 from headscope.models import tiny_model
 from headscope.arch import blocks
 from headscope.hooking import to_inputs, forward
-from headscope.gact import kmeans, gact_fit, prompt_diffs, steer_eval, code_prompts, _unit
+from headscope.probes.gact import kmeans, gact_fit, prompt_diffs, steer_eval, code_prompts, _unit
 
 PROMPTS = ["ab cd", "hello", "xyz!", "the cat", "a b c", "qq rr", "mn op q", "zz"]
 

@@ -8,7 +8,7 @@ from headscope.models import tiny_model, TINY_ARCHS
 from headscope.arch import model_dims, arch_spec, get_module
 from headscope.cache import run_with_cache
 from headscope.hooking import hooks, run_with_hooks, ablate, to_inputs, forward, attention_pattern
-from headscope.heads import (attention_stats, stats_from_pattern, STAT_NAMES, pattern_scores, _pattern_reference,
+from headscope.heads.census import (attention_stats, stats_from_pattern, STAT_NAMES, pattern_scores, _pattern_reference,
                              PATTERN_SCORES, text_tokens, repeated_tokens, head_dla, head_out_weights, fold_norm,
                              _answer_ids, ablation_scores, _nll, needle_tasks, retrieval_scores, _greedy, head_census)
 

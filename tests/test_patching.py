@@ -6,7 +6,7 @@
 - bad input says what was wrong, and no hook is left behind."""
 import pytest, torch
 from headscope.models import tiny_model, TINY_ARCHS
-from headscope.patching import activation_patching, naive_patching, logit_diff, ioi_pairs, fact_pairs, FACTS
+from headscope.causal.patching import activation_patching, naive_patching, logit_diff, ioi_pairs, fact_pairs, FACTS
 
 def _pair(seed=0, n_pos=6):
     g = torch.Generator().manual_seed(seed)

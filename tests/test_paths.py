@@ -12,8 +12,8 @@ from headscope.models import tiny_model
 from headscope.arch import model_dims
 from headscope.hooking import run_with_hooks, patch
 from headscope.cache import run_with_cache
-from headscope.patching import logit_diff, activation_patching
-from headscope.paths import path_patching, PathPatchingResult, VIAS, node_name, _node, _rec_heads
+from headscope.causal.patching import logit_diff, activation_patching
+from headscope.causal.paths import path_patching, PathPatchingResult, VIAS, node_name, _node, _rec_heads
 
 def metric(lg): return logit_diff(lg, 5, 6)
 

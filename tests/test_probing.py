@@ -2,8 +2,8 @@
 import pytest, torch
 from headscope.models import tiny_model
 from headscope.cache import run_with_cache
-from headscope.lens import pos_index
-from headscope.probing import labelled_prompts, collect_activations, train_probes, DATASETS, _strat_test
+from headscope.causal.lens import pos_index
+from headscope.probes.probing import labelled_prompts, collect_activations, train_probes, DATASETS, _strat_test
 
 def gaussian_layers(n=1000, d=16, scales=(0, .5, 1, 1.5), seed=0):
     g = torch.Generator().manual_seed(seed)

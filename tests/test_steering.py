@@ -12,7 +12,7 @@ from headscope.models import tiny_model
 from headscope.arch import blocks
 from headscope.hooking import to_inputs, forward, hooks
 from headscope.cache import run_with_cache
-from headscope.steering import (SteeringVector, diff_in_means, pca_direction, steering_vector, steer, steering_hooks)
+from headscope.probes.steering import (SteeringVector, diff_in_means, pca_direction, steering_vector, steer, steering_hooks)
 
 POS, NEG = ["I love it", "great fun!", "so good"], ["I hate it", "awful", "so bad, really"]
 
@@ -161,7 +161,7 @@ def test_errors_say_what_is_valid():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_scale_heads_equals_scaled_out_proj(arch):
     import copy
-    from headscope.steering import scale_heads
+    from headscope.probes.steering import scale_heads
     from headscope.hooking import ablate
     m = tiny_model(arch, n_layers=2, seed=5)
     x = to_inputs(m, ["the cat sat on", "a dog"], padding_side="left")
@@ -185,7 +185,7 @@ def test_scale_heads_equals_scaled_out_proj(arch):
 
 def test_sweep_against_references():
     import math
-    from headscope.steering import steering_sweep
+    from headscope.probes.steering import steering_sweep
     m = tiny_model("gpt2", n_layers=2, seed=0)
     d = _vec(m, 1, seed=6)
     sv = steering_vector(d, layers=1)
@@ -214,14 +214,14 @@ def test_sweep_against_references():
     with pytest.raises(ValueError, match="single token"):
         steering_sweep(m, sv, [0], prompts, (["hello"], ["x"]), text, progress=False)
     # breakdown: the first coeff past the factor, in sweep order
-    from headscope.steering import SteeringSweep
+    from headscope.probes.steering import SteeringSweep
     s = SteeringSweep(torch.tensor([0., 1, 2, 4]), torch.zeros(4), torch.tensor([10., 15, 25, float("nan")]), torch.zeros(4), 0., 10.)
     assert s.breakdown_coeff() == 2. and s.breakdown_coeff(1.2) == 1. and s.breakdown_coeff(3.) == 4.
     assert "<img src='data:image/png;base64," in s._repr_html_()
 
 @pytest.mark.slow
 def test_smollm2_sentiment_steering(smollm2):
-    from headscope.steering import steering_sweep
+    from headscope.probes.steering import steering_sweep
     subj = ["I feel", "Today was", "This movie is", "My friend is"]
     v = diff_in_means(smollm2, [f"{s} happy" for s in subj], [f"{s} sad" for s in subj], layers=12, progress=False).normalised()
     words = ([" happy", " great", " good"], [" sad", " bad", " terrible"])

@@ -12,9 +12,9 @@ from transformers import DynamicCache
 from test_views_heads import allowed, refused, offline, write, voila_page       # fixtures and helpers, shared
 from headscope.models import tiny_model
 from headscope.hooking import hooks, to_inputs
-from headscope.lens import token_strs
+from headscope.causal.lens import token_strs
 from headscope.views.steering import _tok_strs
-from headscope.steering import SteeringVector
+from headscope.probes.steering import SteeringVector
 from headscope.views.steering import steered_generation_html, steer_generate, SteeringPlayground
 
 XSS = "<script>alert(1)</script>"
@@ -95,7 +95,7 @@ def reference(model, prompt, v, layer, coeff, pos, n):
 def measured_acted(model, prompt, sv, layer, coeff, pos, n):
     """Where steering changed the residual stream during cached `generate()`: read just before and just after `steer`'s
     own hook, over every forward; positions counted by hand (each forward runs the tokens after the previous ones)"""
-    from headscope.steering import steer
+    from headscope.probes.steering import steer
     name, before, hit, seen = f"blocks.{layer}.{sv.hook}", {}, set(), []
     def rb(act, hook): before["a"] = act.clone()
     def ra(act, hook):
@@ -141,7 +141,7 @@ def test_playground(toy):
 NOTEBOOK = r'''
 import torch
 from headscope.models import tiny_model
-from headscope.steering import SteeringVector
+from headscope.probes.steering import SteeringVector
 from headscope.views.steering import SteeringPlayground
 m = tiny_model("llama", n_layers=3, seed=0)
 g = torch.Generator().manual_seed(1)
