@@ -25,11 +25,15 @@ The rules every op in this package follows:
 import contextlib, contextvars, functools, importlib, os
 import torch
 
-__all__ = ["HAS_TRITON", "has_triton", "interpreting", "backend_for", "pick", "force_backend", "OPS",
+__all__ = ["STAT_NAMES", "HAS_TRITON", "has_triton", "interpreting", "backend_for", "pick", "force_backend", "OPS",
            "scale_rows", "scale_rows_reference", "attention_with_stats", "attention_with_stats_reference",
            "sparse_decode", "sparse_decode_reference", "stat_topk", "stat_topk_reference"]
 
 BACKENDS = ("triton", "torch")
+# the per-row attention statistics of `attention_with_stats`, in the op's order; defined here (no triton import) so
+# the head census (`headscope.heads`) reads the same names without loading a kernel module
+STAT_NAMES = ("sink", "prev", "target", "entropy", "n_keys", "distance", "argmax", "max_weight",
+              "prev_nobos", "target_nobos", "entropy_nobos", "distance_nobos")
 # a module is never named like its op: importing a submodule sets the package attribute of its name,
 # which would shadow the op (`headscope.kernels.sparse_decode` must stay the function)
 OPS = {"scale_rows": "row_scale",                        # public op name -> module in this package that defines it

@@ -30,14 +30,8 @@ tensor cores: ~0.014 ms. What the kernel adds to FlashAttention is elementwise w
 every score: per 64 x 64 tile five reductions (the max, three sums, the arg-max index) and ~30
 elementwise ops per score, on ~40 M scores (the causal half plus the diagonal tiles). Reductions across
 a tile's rows go through warp shuffles, so they, not memory or the dots, bound the kernel.
-Measured on an H200 (bench/results/kernel_attention_stats_h200.txt): statistics alone 0.80 ms in fp32
-and 0.35-0.42 ms in bf16 at this shape, against 11.0 ms and 473 MiB for the chunked torch path (its
-`[q_chunk k_chunk]` tiles go through memory a dozen times, plus hundreds of launches), 1.8 ms and
-1.2 GB for an eager pattern with two statistics, and 0.04 ms for SDPA's output alone (no statistics).
-Reading sink, previous-token and target mass after the loop (one gathered key per query, `exp(s_t - m)`)
-instead of as three masked sums per tile, and the BOS-removed sums only in the first tile, took fp32
-from 1.24 to 0.80 ms. At 1 x 16,384 tokens in bf16: 2.5 ms against 645 ms for the torch path and 57 ms
-plus 36 GB for an eager pattern.
+Measurements (H200 timings against the torch path, eager patterns and SDPA; the effect of each
+change to the kernel) are in bench/results/kernels_h200.md and kernel_attention_stats_h200.txt.
 
 Backward: the output is differentiable w.r.t. q, k, v and the gates. The Triton path recomputes the
 gradient with a dense torch attention (O(n^2) memory in the backward only): the kernel is an analysis
@@ -47,12 +41,10 @@ gradient.
 import math
 import torch
 from torch import Tensor
-from . import has_triton, interpreting, pick
+from . import STAT_NAMES, has_triton, interpreting, pick
 
 __all__ = ["STAT_NAMES", "attention_with_stats", "attention_with_stats_reference"]
 
-STAT_NAMES = ("sink", "prev", "target", "entropy", "n_keys", "distance", "argmax", "max_weight",
-              "prev_nobos", "target_nobos", "entropy_nobos", "distance_nobos")
 _RAW = ("Z", "S", "D", "Zn", "Sn", "Dn", "cnt", "sink", "prev", "target")   # running sums, in kernel order
 
 def _check(q, k, v, mask, targets, gates):
@@ -326,8 +318,7 @@ if has_triton():
 
     def _pow2_at_least_16(n): return n >= 16 and (n & (n - 1)) == 0
 
-    # GPU tiles (max query tile, max key tile, warps), from the H200 sweep in bench/results/kernel_attention_stats_h200.txt:
-    # fp32 64/64/4 (0.84 ms at 8 x 1024, 128/64/8 within 2%); bf16 64/64/8 (0.35 ms, against 0.42 with 4 warps)
+    # GPU tiles (max query tile, max key tile, warps), picked by the H200 sweep (bench/results/kernels_h200.md)
     GPU_TILES = (64, 64, 4)
     GPU_TILES_LOWP = (64, 64, 8)
 

@@ -22,8 +22,8 @@ the same decode transposed: the entries are sorted by latent (one `sort` of `n·
 forward kernel runs in its ragged form with `g` in the place of `W_dec`, one run per latent. Each row of
 the gradient is then written once, in a fixed order (deterministic, no atomics, no zeroing pass); rows
 nobody picked are written as zeros, as `embedding_bag`'s dense `[d_sae d]` gradient has them. (An
-atomic scatter of `vals·g` into an fp32 buffer, the first version, took 2.4 ms at the bench size
-below: `n·k·d` = 537M atomics.) `idx` and `offsets` get no gradient.
+atomic scatter of `vals·g` into an fp32 buffer, the first version, needs `n·k·d` atomics: 537M at the bench
+size below; see bench/results/kernels_h200.md.) `idx` and `offsets` get no gradient.
 
 Roofline
 --------

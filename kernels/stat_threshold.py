@@ -13,9 +13,8 @@ so keeping `x > θ` keeps about `k` values. `Φ⁻¹` is computed once on the ho
 
 Both return `theta: [...]` (fp32, one per row) too; `values` has x's shape and dtype. The gradient flows to x
 only: θ is treated as a constant (a stop-gradient, as in Spark's straight-through use), so both modes give
-`dx = g · 1[x > θ]`. The count kept is `k` on average only for Gaussian rows (recall@32 0.93-0.94 there, from the
-row-to-row spread of the count); on a SmolLM2 TopK SAE's pre-activations (d_sae 4608) nominal k = 32 keeps 27.9 on
-average (p10-p90: 17-38) with recall 0.82, and k' = 39 keeps 32.2 (recall 0.87). See bench/results/stat_topk_recall.md.
+`dx = g · 1[x > θ]`. The count kept is `k` on average only for Gaussian rows, and it varies from row to row; how far it is
+off on real SAE pre-activations (heavier tails) is measured in bench/results/stat_topk_recall.md. See bench/results/stat_topk_recall.md.
 
 Use in a TopK SAE (an optional activation): `vals, _ = stat_topk(h, k); acts = vals.relu()` on the
 pre-activations `h: [... d_sae]` (any leading dims), or `stat_topk(h, k, soft=True)[0]` (already >= 0 when θ >= 0;
@@ -34,13 +33,8 @@ Roofline (n = 4096 rows, d = 16384, i.e. 67.1 M elements; H200: ~4.3 TB/s copy b
   an H200 (`bench/bench_kernel_stat_topk.py --sweep`).
 - About 8 FLOPs per element (the tile mean, the deviation, its square, the compare and select): ~0.5 GFLOP,
   8 µs of fp32 FMA throughput, so the kernel is memory-bound by ~15x.
-- Measured on an H200 (bench/results/bench_kernel_stat_topk_h200.txt): 0.134 ms fp32 (1.07x the floor, 4.0 TB/s),
-  0.075 ms bf16 (1.21x); at n 32768 x d 4608: 0.292 ms fp32 (1.04x), 0.168 ms bf16 (1.19x).
-- The torch reference makes ~5 passes (float copy, var_mean, compare, multiply, cast) with temporaries: 3.8x the
-  kernel in fp32, 10.6x in bf16. `torch.topk(x, k)` + a scatter into a dense tensor (exact; a radix select, several
-  passes over each row) takes 6.9x (fp32) to 8.3x (bf16) the kernel's time at this size.
-- Backward: read g and x (and θ per row), write dx: 2 reads + 1 write, 1.06x its floor in fp32 (0.199 ms) vs 1.74x
-  the kernel's time for `torch.where`.
+- Measurements (H200: the kernel against the floor, the torch reference and `torch.topk` + scatter; the
+  backward) are in bench/results/kernels_h200.md and bench_kernel_stat_topk_h200.txt.
 """
 import statistics
 import torch
@@ -153,8 +147,8 @@ if has_triton():
     def _pow2(n): return n >= 1 and (n & (n - 1)) == 0
 
     def _tiles(D, el, block_n, block_d, max_block_d, num_warps):
-        # measured on an H200 (bench/bench_kernel_stat_topk.py --sweep): fp32 rows up to 16384 in one tile (1 read);
-        # 2-byte rows in a loop of 2048 (d <= 8192) or 8192-wide tiles: the second read of a row comes from L2
+        # fp32 rows up to 16384 in one tile (1 read); 2-byte rows in a loop of 2048 (d <= 8192) or 8192-wide tiles,
+        # the second read of a row coming from L2: the H200 sweep's choice (bench/results/kernels_h200.md)
         if max_block_d is None: max_block_d = 16384 if el >= 4 else (8192 if D > 8192 else 2048)
         if block_d is None: block_d = min(max(triton.next_power_of_2(D), 16), max_block_d)
         if block_n is None: block_n = max(1, min(16, 2048 // block_d))   # small rows: several per program

@@ -3,13 +3,11 @@ import gc, os, resource, pytest, torch
 from headscope.models import tiny_model, TINY_ARCHS
 from headscope.arch import model_hook_names, HookNameError, UnsupportedArchitectureError, model_dims
 from headscope.hooking import hooks, run_with_hooks, patch, ablate, scale, add, to_inputs, HookFunctionError
+from _checks import assert_no_hooks, hook_state
 from headscope.cache import run_with_cache
 
 def maxdiff(a, b): return (a.double() - b.double()).abs().max().item()
 
-def hooks_left(m):
-    return [n for n, mod in m.named_modules() if mod._forward_hooks or mod._forward_pre_hooks
-            or mod._forward_hooks_with_kwargs or hasattr(mod, "_headscope_taps")]
 
 PROMPTS = ["The cat sat on the mat", "hi", "A longer prompt with more tokens in it"]
 
@@ -47,7 +45,7 @@ def test_generate_with_kv_cache_matches_no_cache(arch):
         assert torch.equal(outs[0], outs[1]), arch
         with torch.no_grad():
             plain = m.generate(**x, max_new_tokens=8, do_sample=False, pad_token_id=m.tokenizer.pad_token_id)
-    assert hooks_left(m) == []
+    assert_no_hooks(m)
 
 def test_generate_last_position_is_each_new_token():
     "with the KV cache, pos=-1 acts on the newest token of every step: the positions seen are prompt_len-1, prompt_len, ..."
@@ -104,13 +102,13 @@ def test_unknown_name_lists_near_matches():
         run_with_hooks(m, "hi", [("blocks.0.hook_resid_pr", lambda a, h: None)])
     with pytest.raises(HookNameError, match="2 layers"):
         run_with_cache(m, "hi", names=["blocks.5.attn.hook_pattern"])
-    assert hooks_left(m) == []
+    assert_no_hooks(m)
 
 def test_wrong_shape_names_hook_and_shapes():
     m = tiny_model("qwen3")
     with pytest.raises(HookFunctionError, match=r"blocks.1.attn.hook_pattern returned shape \(1, 4, 3, 2\).*\(1, 4, 3, 3\)"):
         run_with_hooks(m, "ab", [("blocks.1.attn.hook_pattern", lambda p, h: p[..., :2])])
-    assert hooks_left(m) == [] and m.config._attn_implementation == "sdpa"
+    assert_no_hooks(m); assert m.config._attn_implementation == "sdpa"
 
 def test_head_out_of_range():
     m = tiny_model("llama", n_heads=4, n_kv_heads=2)
@@ -136,7 +134,7 @@ def test_interrupt_inside_hook_leaves_model_clean():
     def boom(a, h): raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         run_with_cache(m, "abc", names=["blocks.*.attn.hook_pattern"], fwd_hooks=[("blocks.1.attn.hook_q", boom)])
-    assert hooks_left(m) == [] and m.config._attn_implementation == impl
+    assert_no_hooks(m); assert m.config._attn_implementation == impl
 
 def test_nested_hooks_compose_and_unwind():
     m = tiny_model("llama"); ids = torch.randint(3, 200, (1, 6))
@@ -147,7 +145,7 @@ def test_nested_hooks_compose_and_unwind():
         assert m.config._attn_implementation.startswith("headscope")
         outer = run_with_hooks(m, ids)
     assert maxdiff(inner, outer) <= 1e-6 and maxdiff(outer, plain) > 1e-4
-    assert hooks_left(m) == [] and m.config._attn_implementation == "sdpa"
+    assert_no_hooks(m); assert m.config._attn_implementation == "sdpa"
 
 def _rss_mb():
     with open("/proc/self/statm") as f: return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -166,7 +164,7 @@ def test_thousand_forwards_no_leftovers_no_growth():
     gc.collect(); start = _rss_mb()
     for i in range(1000): run(i)
     gc.collect(); grow = _rss_mb() - start
-    assert hooks_left(m) == [] and m.config._attn_implementation == "sdpa"
+    assert_no_hooks(m); assert m.config._attn_implementation == "sdpa"
     assert grow < 20, f"resident memory grew by {grow:.1f} MiB over 1,000 forwards"
 
 def test_positions_in_cached_generate_unpadded():
@@ -178,3 +176,33 @@ def test_positions_in_cached_generate_unpadded():
     with hooks(m, [("blocks.0.hook_resid_pre", lambda act, hook: seen.append(hook.positions[0].tolist()))]):
         m.generate(input_ids=torch.tensor([[5, 9, 13, 17]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert seen == [[0, 1, 2, 3], [4], [5]]
+
+def test_assert_no_hooks_catches_leftovers():
+    "the one leak check fails on a stray PyTorch hook, a leftover tap and a switched attention implementation"
+    m = tiny_model("llama")
+    assert_no_hooks(m)
+    h = m.model.layers[0].register_forward_hook(lambda *a: None)
+    with pytest.raises(AssertionError, match="hooks or taps left"): assert_no_hooks(m)
+    before = hook_state(m)
+    assert_no_hooks(m, before=before)                       # compared with a snapshot: the model's own hooks are allowed
+    h.remove()
+    with pytest.raises(AssertionError, match="hooks left on"): assert_no_hooks(m, before=before)
+    hk = hooks(m, [("blocks.0.attn.hook_z", lambda a, h: None)]); hk.__enter__()
+    try:
+        with pytest.raises(AssertionError, match="attention implementation left switched"): assert_no_hooks(m)
+    finally: hk.__exit__(None, None, None)
+    assert_no_hooks(m)
+
+def test_run_until_stops_and_cleans_up():
+    "run_until ends the forward after the hook point (later hooks never run) and leaves nothing behind, also when a hook raises"
+    from headscope.hooking import run_until
+    m = tiny_model("gpt2", n_layers=3)
+    x = to_inputs(m, torch.randint(3, 200, (2, 7)))
+    ran = []
+    out = run_until(m, x, [("blocks.2.hook_resid_pre", lambda a, h: ran.append(2)), ("blocks.0.attn.hook_pattern", lambda a, h: ran.append(0))],
+                    stop_after="blocks.1.hook_resid_post")
+    assert out is None and ran == [0]
+    assert_no_hooks(m)
+    def boom(a, h): raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"): run_until(m, x, [("blocks.0.attn.hook_z", boom)], stop_at_layer=2)
+    assert_no_hooks(m)
