@@ -71,7 +71,7 @@ class Sampler:
 # ---------------------------------------------------------------------------------------------
 # One configuration, in its own process
 def inputs(tok, n):
-    from headscope.heads.census import text_tokens, repeated_tokens
+    from headscope.data.needles import text_tokens, repeated_tokens
     return text_tokens(tok, 1, n), repeated_tokens(tok, 1, (n - 1)//2)
 
 def one(spec:str, threads:int)->dict:
@@ -81,7 +81,7 @@ def one(spec:str, threads:int)->dict:
     torch.set_num_threads(threads)
     rss_start = _status("VmRSS")
     from headscope.models import load_model
-    from headscope.heads.census import pattern_scores
+    from headscope.heads.patterns import pattern_scores
     from headscope.cache import run_with_cache, estimate_cache
     t = time.perf_counter(); model = load_model(); load_s = time.perf_counter() - t
     tok = model.tokenizer
@@ -154,7 +154,7 @@ def timing(sizes, repeats, threads, quiet_budget=120, max_cache_gib=6.0)->list:
     QUIET = Quiet(quiet_budget)
     torch.set_num_threads(threads)
     from headscope.models import load_model
-    from headscope.heads.census import pattern_scores
+    from headscope.heads.patterns import pattern_scores
     from headscope.cache import run_with_cache, estimate_cache
     model = load_model(); tok = model.tokenizer
     rows = []

@@ -71,7 +71,7 @@ def tl_definition(model, ids:torch.Tensor, detection, exclude_bos:bool)->torch.T
     then the mean over sequences. D is TransformerLens' own detection pattern of that sequence; each
     query's keys with D = 1 are gathered one per round (`targets`), all rounds in one forward."""
     from headscope.hooking import hooks, forward
-    from headscope.heads.census import attention_stats
+    from headscope.heads.stats import attention_stats
     from headscope.arch import model_dims
     B, n = ids.shape
     L = model_dims(model).n_layers
@@ -124,7 +124,8 @@ def main(argv=None):
 
     import warnings
     from headscope.models import load_model
-    from headscope.heads.census import pattern_scores, text_tokens, repeated_tokens
+    from headscope.heads.patterns import pattern_scores
+    from headscope.data.needles import text_tokens, repeated_tokens
     from transformer_lens.model_bridge import TransformerBridge
     from transformer_lens import head_detector as hd
     d = hf_dir(args.hf_dir)

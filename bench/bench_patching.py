@@ -58,7 +58,9 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from headscope.models import load_model
-    from headscope.causal.patching import activation_patching, naive_patching, logit_diff
+    from headscope.causal.patching import activation_patching
+    from headscope.causal.reference import naive_patching
+    from headscope.causal.metrics import logit_diff
     m = load_model()
     tk = m.tokenizer
     ids_c, ids_k = (tk(s, return_tensors="pt")["input_ids"] for s in (CLEAN, CORRUPT))

@@ -88,7 +88,8 @@ def make_cache(a):
         np.save(d / "x.npy", torch.cat(rows).numpy())
         return
     from headscope.models import load_model
-    from headscope.sae.activations import cache_activations, python_docs_corpus
+    from headscope.data.corpora import python_docs_corpus
+    from headscope.sae.activations import cache_activations
     torch.set_num_threads(a.threads)
     m = load_model()
     cache_activations(dict(model=m, hook_name=HOOK, corpus=python_docs_corpus(), seq_len=128, batch_size=8),

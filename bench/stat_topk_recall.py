@@ -69,7 +69,8 @@ def gaussian_part(lines):
 def sae_part(lines):
     from headscope.models import load_model
     from headscope.sae.core import make_sae
-    from headscope.sae.activations import python_docs_corpus, stdlib_corpus, ActivationStore, cache_activations
+    from headscope.data.corpora import python_docs_corpus, stdlib_corpus
+    from headscope.sae.activations import ActivationStore, cache_activations
     from headscope.sae.train import train_sae
     torch.manual_seed(0)
     model, hook = load_model(), "blocks.6.hook_resid_post"

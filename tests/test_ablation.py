@@ -9,9 +9,10 @@ from headscope.models import tiny_model, TINY_ARCHS
 from headscope.arch import model_dims
 from headscope.cache import run_with_cache
 from headscope.hooking import hooks, run_with_hooks, add
-from headscope.causal.patching import PromptPairs
-from headscope.causal.ablation import (ablate_heads, ablate_mlps, ablate_attn, ablate_direction, circuit_eval, faithfulness_curve,
-                                rank_heads, component, FaithfulnessCurve, CircuitEval)
+from headscope.data.pairs import PromptPairs
+from headscope.causal.ablation import ablate_heads, ablate_mlps, ablate_attn, ablate_direction, component
+from headscope.causal.circuits import circuit_eval, faithfulness_curve, rank_heads, FaithfulnessCurve, CircuitEval
+from _checks import assert_no_hooks
 
 O_PROJ = {"gpt2": ("transformer.h", "attn.c_proj"), "gpt_neox": ("gpt_neox.layers", "attention.dense")}
 
@@ -157,30 +158,26 @@ def test_composition_equals_both_by_hand(llama):
     # order of concatenation does not matter for different hook points
     assert torch.allclose(run_with_hooks(llama, toks, fh[::-1]), got, atol=1e-6)
 
-def _no_hooks_left(model):
-    for mod in model.modules():
-        assert not mod._forward_hooks and not mod._forward_pre_hooks, mod
-        assert not hasattr(mod, "_headscope_taps")
-
 def test_hooks_gone_after_raising_forward(llama):
     toks, ref = _toks(9, (2, 8)), _toks(10, (3, 8))
-    attn = llama.config._attn_implementation
     plain = _plain(llama, toks)
     def boom(act, hook): raise RuntimeError("boom")
     with pytest.raises(RuntimeError, match="boom"):
         with hooks(llama, ablate_heads(llama, ["L0H0"], "mean", ref) + ablate_mlps(llama, [1], "resample", ref)
                    + [("blocks.2.hook_resid_post", boom)]):
             llama(toks)
-    _no_hooks_left(llama); assert llama.config._attn_implementation == attn
+    assert_no_hooks(llama)
     with pytest.raises(ValueError, match="same positions"):      # the ablation itself raises mid-forward
         run_with_hooks(llama, toks, ablate_heads(llama, ["L1H1"], "resample", _toks(1, (3, 5))))
-    _no_hooks_left(llama); assert llama.config._attn_implementation == attn
+    assert_no_hooks(llama)
     assert torch.equal(_plain(llama, toks), plain)
 
 def test_errors(llama):
-    with pytest.raises(IndexError, match="query heads 0-3"): ablate_heads(llama, [(0, 4)])
-    with pytest.raises(IndexError, match="valid layers are 0-2"): ablate_heads(llama, ["L3H0"])
-    with pytest.raises(IndexError, match="valid layers are 0-2"): ablate_mlps(llama, [-1])
+    with pytest.raises(IndexError, match=r"query heads 0\.\.3"): ablate_heads(llama, [(0, 4)])
+    with pytest.raises(IndexError, match=r"Head L3H0: layer 3 does not exist; the model has layers 0\.\.2"): ablate_heads(llama, ["L3H0"])
+    with pytest.raises(IndexError, match=r"MLP: layer 3 does not exist; the model has layers 0\.\.2"): ablate_mlps(llama, [3])
+    assert [n for n, _ in ablate_mlps(llama, [-1])] == ["blocks.2.hook_mlp_out"]      # negative layers count from the end (arch.check_layers)
+    assert component(llama, (-1, -1)) == "L2H3"
     with pytest.raises(ValueError, match="'zero', 'mean', 'resample'"): ablate_heads(llama, [(0, 0)], "mea")
     with pytest.raises(ValueError, match="'zero', 'mean'"): ablate_direction(llama, "blocks.0.hook_resid_pre", torch.ones(64), "resample")
     with pytest.raises(ValueError, match="needs `reference`"): ablate_mlps(llama, [0], "mean")
@@ -280,7 +277,7 @@ def test_curve_html_and_errors(llama):
 @pytest.mark.slow
 def test_smollm2_circuit_matches_plain_hf(smollm2):
     "SmolLM2 (GQA, 9 query heads on 3 KV heads): a circuit's metric equals z mean-ablated by hand at o_proj"
-    from headscope.causal.patching import ioi_pairs
+    from headscope.data.pairs import ioi_pairs
     pairs = ioi_pairs(smollm2.tokenizer, 4)
     metric = pairs.logit_diff()
     keep = {"L23H3", "L29H1", "L20H0"}

@@ -11,8 +11,10 @@ from headscope.models import tiny_model
 from headscope.arch import model_dims, arch_spec, blocks, get_module
 from headscope.cache import run_with_cache
 from headscope.hooking import hooks, forward
-from headscope.causal.patching import activation_patching, naive_patching, logit_diff, KINDS
-from headscope.causal.attribution import (attribution_patching, edge_attribution_patching, agreement, frozen_params,
+from headscope.causal.metrics import logit_diff, agreement
+from headscope.causal.patching import activation_patching, KINDS
+from headscope.causal.reference import naive_patching
+from headscope.causal.attribution import (attribution_patching, edge_attribution_patching, frozen_params,
                                    AttributionResult, EdgeScores, eap_nodes)
 
 METRIC = lambda lg: logit_diff(lg, 5, 6)

@@ -8,12 +8,13 @@
 import pytest, torch
 from headscope.models import tiny_model
 from headscope.arch import blocks
-from headscope.hooking import to_inputs, forward
-from headscope.probes.gact import kmeans, gact_fit, prompt_diffs, steer_eval, code_prompts, _unit
+from headscope.tokens import to_inputs
+from headscope.hooking import forward
+from headscope.probes.gact import kmeans, gact_fit, prompt_diffs, steer_eval, _unit
+from headscope.data.prompts import code_prompts
+from _checks import assert_no_hooks, hook_state
 
 PROMPTS = ["ab cd", "hello", "xyz!", "the cat", "a b c", "qq rr", "mn op q", "zz"]
-
-def _n_hooks(m): return sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in m.modules())
 
 def _hand_steer(m, l, vecs):
     "A plain PyTorch forward hook on block `l` adding `vecs` `[batch d_model]` at every position"
@@ -89,16 +90,18 @@ def test_refinement_lowers_objective_and_only_moves_probes():
 def test_hooks_removed_even_on_error():
     m = tiny_model("llama", n_layers=2, seed=0)
     g = gact_fit(m, PROMPTS, "zz ", "a", [1], n_clusters=2, refine_steps=1, progress=False)
-    assert _n_hooks(m) == 0
+    assert_no_hooks(m)
+    before = hook_state(m)
     with torch.no_grad(): a = m(**to_inputs(m, "hello")).logits
     with pytest.raises(RuntimeError, match="boom"):
         with g.steer(m, 5.):
-            assert _n_hooks(m) > 0
+            assert hook_state(m) != before                 # the router's hooks are on
             raise RuntimeError("boom")
-    assert _n_hooks(m) == 0
+    assert_no_hooks(m)
     with torch.no_grad(): assert torch.equal(m(**to_inputs(m, "hello")).logits, a)
     r = steer_eval(m, ["hello", "ab"], "a", lambda: g.steer(m, 5.), neutral=["the cat sat"])
-    assert _n_hooks(m) == 0 and r["kl"] > 0 and r["p"].shape == (2,)
+    assert_no_hooks(m)
+    assert r["kl"] > 0 and r["p"].shape == (2,)
 
 def test_bad_input():
     m = tiny_model("llama", n_layers=2, seed=0)
@@ -106,7 +109,7 @@ def test_bad_input():
         gact_fit(m, PROMPTS, "zz ", "a", [1], n_clusters=9, progress=False)
     with pytest.raises(IndexError, match="layers 0..1"):
         gact_fit(m, PROMPTS, "zz ", "a", [5], progress=False)
-    with pytest.raises(ValueError, match="single token"):
+    with pytest.raises(ValueError, match="single-token"):
         gact_fit(m, PROMPTS, "zz ", "ab", [1], progress=False)
     with pytest.raises(ValueError, match="2 concept prompts for 8 prompts"):
         gact_fit(m, PROMPTS, ["x", "y"], "a", [1], progress=False)
@@ -115,7 +118,7 @@ def test_bad_input():
     g = gact_fit(m, PROMPTS, "zz ", "a", [1], n_clusters=2, refine_steps=0, progress=False)
     with pytest.raises(ValueError, match=r"steers layers \[1\]"):
         with g.steer(m, 1., layers=[0]): pass
-    assert _n_hooks(m) == 0
+    assert_no_hooks(m)
     assert "clusters at layers [1]" in repr(g) and "cosine" in g._repr_html_()
 
 def test_code_prompts():

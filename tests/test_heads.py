@@ -7,10 +7,20 @@ import math, pytest, torch
 from headscope.models import tiny_model, TINY_ARCHS
 from headscope.arch import model_dims, arch_spec, get_module
 from headscope.cache import run_with_cache
-from headscope.hooking import hooks, run_with_hooks, ablate, to_inputs, forward, attention_pattern
-from headscope.heads.census import (attention_stats, stats_from_pattern, STAT_NAMES, pattern_scores, _pattern_reference,
-                             PATTERN_SCORES, text_tokens, repeated_tokens, head_dla, head_out_weights, fold_norm,
-                             _answer_ids, ablation_scores, _nll, needle_tasks, retrieval_scores, _greedy, head_census)
+from headscope.hooking import hooks, run_with_hooks, forward
+from headscope.interventions import ablate
+from headscope.tokens import to_inputs
+from headscope.attention import attention_pattern
+from headscope.arch import head_out_weights, fold_norm
+from headscope.tokens import single_token_ids
+from headscope.data.needles import text_tokens, repeated_tokens, needle_tasks
+from headscope.heads.stats import AttentionStats, attention_stats, stats_from_pattern, STAT_NAMES
+from headscope.heads.patterns import pattern_scores, _pattern_reference, PATTERN_SCORES
+from headscope.heads.retrieval import retrieval_scores, _greedy
+from headscope.heads.causal import head_dla, ablation_scores, _nll
+from headscope.heads.census import head_census, HeadCensus
+from headscope.results import Top
+from _checks import assert_no_hooks
 
 @pytest.fixture(scope="module", params=TINY_ARCHS)
 def model(request): return tiny_model(request.param, n_layers=2, seed=3)
@@ -56,7 +66,7 @@ def test_dla_sums_to_the_logit(model):
     dla_each = torch.stack([head_dla(model, p, a) for p, a in zip(prompts, ans)])
     x = to_inputs(model, prompts, padding_side="left")
     with torch.no_grad(): logits = forward(model, x).logits[:, -1].float()
-    a = _answer_ids(model.tokenizer, ans)
+    a = single_token_ids(model.tokenizer, ans)
     c = run_with_cache(model, x, names=[f"blocks.{l}.hook_attn_out" for l in range(L)] + [f"blocks.{L-1}.hook_resid_post"])
     final = c[f"blocks.{L-1}.hook_resid_post"][:, -1]
     norm = get_module(model, spec.ln_final)
@@ -74,7 +84,7 @@ def test_dla_logit_difference_and_errors():
     m = tiny_model("llama")
     d = head_dla(m, "the cat", "x", "y")
     assert torch.allclose(d, head_dla(m, "the cat", "x") - head_dla(m, "the cat", "y"), atol=1e-5)
-    with pytest.raises(ValueError, match="single token"): head_dla(m, "the cat", "xy")
+    with pytest.raises(ValueError, match="single-token"): head_dla(m, "the cat", "xy")
 
 @pytest.mark.parametrize("arch", ["qwen2", "gpt_neox"])
 def test_batched_ablation_equals_one_forward_per_head(arch):
@@ -108,12 +118,43 @@ def test_greedy_matches_generate_and_retrieval_hits():
 
 def test_census_leaves_model_clean():
     m = tiny_model("qwen3", n_layers=2)
-    impl = m.config._attn_implementation
     cen = head_census(m, text_tokens(m.tokenizer, 2, 12), repeated_tokens(m.tokenizer, 2, 5), retrieval=False,
                       ablation_text=text_tokens(m.tokenizer, 2, 8), progress=False)
-    assert m.config._attn_implementation == impl
-    assert not any(hasattr(mod, "_headscope_taps") for mod in m.modules())
-    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules())
+    assert_no_hooks(m)
     assert "loss_zero" in cen.scores and "retrieval" not in cen.scores
     html = cen._repr_html_()
     assert "induction" in html and "<script>alert" not in html
+
+def test_retrieval_and_dla_leave_model_clean():
+    m = tiny_model("gemma2", n_layers=2)
+    retrieval_scores(m, needle_tasks(m.tokenizer, n=1, haystack_len=20), progress=False)
+    head_dla(m, "the cat", "x")
+    assert_no_hooks(m)
+
+def test_stat_names_are_the_fields():
+    "One list of statistics: the kernel package's `STAT_NAMES`, in the order of `AttentionStats`' fields"
+    from dataclasses import fields
+    from headscope.kernels import STAT_NAMES as kernel_names
+    import headscope.heads.census as old
+    assert tuple(f.name for f in fields(AttentionStats)) == STAT_NAMES == kernel_names
+    assert old.STAT_NAMES is STAT_NAMES and old.text_tokens is text_tokens      # names kept where they were
+
+def test_census_is_a_score_grid():
+    s = {"induction": torch.tensor([[0.1, 0.7], [0.9, 0.2]], requires_grad=True), "sink": torch.rand(2, 2)}
+    cen = HeadCensus(s, n_kv_heads=1)
+    assert cen.top(2, by="induction") == [Top("L1H0", pytest.approx(0.9), (1, 0)), Top("L0H1", pytest.approx(0.7), (0, 1))]
+    assert cen.top("induction", 2) == cen.top(2, by="induction")           # the order written before the re-cut
+    assert [t.index for t in cen.top(1, by="induction", largest=False)] == [(0, 0)]
+    df = cen.to_pandas()                                                    # no autograd leaks into the table
+    assert list(df.columns) == ["layer", "head", "name", "kv_head", "induction", "sink", "roles"]
+    assert df["induction"].dtype == float and df.loc[2, "roles"] == "induction"
+    part = HeadCensus({k: v.detach() for k, v in s.items()}, 1, index={"layer": [7, 9], "head": [0, 1]})
+    assert part.heads("induction") == [(9, 0), (7, 1)] and part.top(1, by="induction")[0].name == "L9H0"
+
+def test_heads_import_no_views_widgets_causal_or_triton():
+    "Data flows one way: the head analyses load neither views, widgets, the causal family nor triton at import"
+    import subprocess, sys
+    code = ("import sys, headscope.heads.census, headscope.data.needles; "
+            "bad = [m for m in sys.modules if m.startswith(('headscope.views', 'headscope.widgets', 'headscope.causal', 'triton', 'ipywidgets'))]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

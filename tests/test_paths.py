@@ -12,8 +12,10 @@ from headscope.models import tiny_model
 from headscope.arch import model_dims
 from headscope.hooking import run_with_hooks, patch
 from headscope.cache import run_with_cache
-from headscope.causal.patching import logit_diff, activation_patching
+from headscope.causal.metrics import logit_diff
+from headscope.causal.patching import activation_patching
 from headscope.causal.paths import path_patching, PathPatchingResult, VIAS, node_name, _node, _rec_heads
+from _checks import assert_no_hooks
 
 def metric(lg): return logit_diff(lg, 5, 6)
 
@@ -88,8 +90,8 @@ def test_matches_hand_built_reference(arch, prompts):
     d = model_dims(m)
     moved = 0
     for snd, rcv, via, fm, pos in CASES:
-        nodes = [_node(s, d) for s in snd]
-        recs = rcv if rcv == "logits" else [_node(r, d) for r in rcv]
+        nodes = [_node(s, m) for s in snd]
+        recs = rcv if rcv == "logits" else [_node(r, m) for r in rcv]
         ref = reference_path_patching(m, clean, corrupt, nodes, recs, via, fm, pos)
         for reuse in (True, False):                     # final position on a cached prefix, and full runs
             got = path_patching(m, clean, corrupt, metric, [snd], rcv, via, pos=pos, freeze_mlps=fm, reuse_prefix=reuse, progress=False)
@@ -125,7 +127,7 @@ def test_batched_equals_one_per_forward(arch, prompts):
         many = path_patching(m, clean, corrupt, metric, "each", rcv, via, pos=pos, batch_size=3, progress=False)
         assert torch.equal(one.raw.isnan(), many.raw.isnan())
         assert torch.allclose(one.raw.nan_to_num(), many.raw.nan_to_num(), atol=1e-4), (arch, rcv, via, pos)
-        top = min(l for _, l, _ in [_node(r, model_dims(m)) for r in rcv]) if rcv != "logits" else 3
+        top = min(l for _, l, _ in [_node(r, m) for r in rcv]) if rcv != "logits" else 3
         assert one.raw[:top].isfinite().all() and one.raw[top:].isnan().all()
     # a list of senders gives the entries of the grid
     grid = path_patching(m, clean, corrupt, metric, "each", "logits", progress=False)
@@ -158,16 +160,9 @@ def test_identities(arch, prompts):
     assert abs(last.corrupt - float(metric(run_with_hooks(m, corrupt)[:, -1]).mean())) < 1e-5
     assert torch.allclose(last.scores, (last.raw - last.clean) / (last.clean - last.corrupt))
 
-def _no_hooks_left(m, attn0):
-    assert m.config._attn_implementation == attn0
-    for mod in m.modules():
-        assert not hasattr(mod, "_headscope_taps")
-        assert not mod._forward_hooks and not mod._forward_pre_hooks, type(mod).__name__
-
 def test_errors_and_hooks_removed(prompts):
     m = _tiny("llama", n_kv_heads=2)
     clean, corrupt = prompts
-    attn0 = m.config._attn_implementation
     pp = lambda *a, **k: path_patching(m, clean, corrupt, metric, *a, progress=False, **k)
     with pytest.raises(ValueError, match=r"Receiver L1H0 \(layer 1\) is not downstream of sender L2H0 \(layer 2\)"): pp([(2, 0)], [(1, 0)])
     with pytest.raises(ValueError, match=r"not downstream of sender L1H1"): pp([(0, 0), (1, 1)], [(1, 2)])
@@ -179,13 +174,13 @@ def test_errors_and_hooks_removed(prompts):
     with pytest.raises(ValueError, match="No head sits upstream"): pp("each", [(0, 1)])
     with pytest.raises(ValueError, match="Receivers must be heads"): pp("each", ["MLP2"])
     with pytest.raises(ValueError, match="Cannot read node"): pp(["head3"], "logits")
-    with pytest.raises(IndexError, match="layers 0-2"): pp([(5, 0)], "logits")
-    with pytest.raises(IndexError, match="heads 0-3"): pp([(0, 7)], "logits")
+    with pytest.raises(IndexError, match=r"L5H0: layer 5 does not exist; the model has layers 0\.\.2"): pp([(5, 0)], "logits")
+    with pytest.raises(IndexError, match=r"heads 0\.\.3"): pp([(0, 7)], "logits")
     with pytest.raises(IndexError, match="outside the prompt's 8 tokens"): pp("each", [(2, 0)], pos=9)
     with pytest.raises(ValueError, match="unpadded"):
         path_patching(m, {"input_ids": clean, "attention_mask": torch.ones_like(clean).index_fill(1, torch.tensor([0]), 0)},
                       corrupt, metric, progress=False)
-    _no_hooks_left(m, attn0)
+    assert_no_hooks(m)
     # a forward that raises half-way (inside the batched step-2 run) leaves nothing behind
     def boom(mod, a, o):
         if (o[0] if isinstance(o, tuple) else o).shape[0] > clean.shape[0]: raise RuntimeError("boom")
@@ -194,10 +189,10 @@ def test_errors_and_hooks_removed(prompts):
         for rcv in ("logits", [(2, 0)]):
             with pytest.raises(RuntimeError, match="boom"): pp("each", rcv, batch_size=4)
     finally: h.remove()
-    _no_hooks_left(m, attn0)
+    assert_no_hooks(m)
     # and so does a normal run, including step 2's early stop after the last receiver's layer
     pp("each", [(1, 0)], "qkv"); pp("each", [(2, 0)], "q", pos=-1)
-    _no_hooks_left(m, attn0)
+    assert_no_hooks(m)
 
 def test_result_views(prompts):
     m = _tiny("llama", n_kv_heads=2)
@@ -207,9 +202,10 @@ def test_result_views(prompts):
     es = res.edges()
     assert len(es) == 2 * 8 and all(re.fullmatch(r"L\d+H\d+", a) and b in ("L2H1", "L2H3") for a, b, _ in es)
     assert [abs(v) for *_, v in es] == sorted((abs(v) for *_, v in es), reverse=True)
-    assert res.top(1)[0][0] == es[0][0]
+    assert res.top(1)[0].name == es[0][0]                       # by |score| by default, like the edges
     neg = res.top(3, "neg")
-    assert [v for _, v in neg] == sorted(v for _, v in neg) and neg[0][1] == float(res.scores.nan_to_num(math.inf).min())
+    assert [t.score for t in neg] == sorted(t.score for t in neg) and neg[0].score == float(res.scores.nan_to_num(math.inf).min())
+    assert neg == res.top(3, largest=False, absolute=False) and res.top(3, "pos") == res.top(3, absolute=False)
     with pytest.raises(ValueError, match="choose one of"): res.top(3, "big")
     assert "PathPatchingResult([layer head] = [3, 4] -> L2H1+L2H3 via q" in repr(res)
     h = res._repr_html_()

@@ -2,8 +2,12 @@
 import pytest, torch
 from headscope.models import tiny_model
 from headscope.cache import run_with_cache
-from headscope.causal.lens import pos_index
-from headscope.probes.probing import labelled_prompts, collect_activations, train_probes, DATASETS, _strat_test
+from headscope.tokens import pos_index
+from headscope.data.prompts import labelled_prompts, DATASETS
+from headscope.probes.activations import collect_activations
+from headscope.probes.probing import train_probes
+from headscope.probes.solvers import strat_test
+from _checks import assert_no_hooks
 
 def gaussian_layers(n=1000, d=16, scales=(0, .5, 1, 1.5), seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -38,7 +42,7 @@ def test_logreg_matches_newton_and_batched_equals_single():
     X, y, _ = gaussian_layers(n=400, d=24, seed=3)
     X = X * torch.linspace(0.1, 10, 24) + 3        # unequal feature scales
     r = train_probes(X, y, folds=0, control=False, l2=0.05, tol=1e-10)
-    te = _strat_test(y, 0.25, torch.Generator().manual_seed(0))
+    te = strat_test(y, 0.25, torch.Generator().manual_seed(0))
     for l in range(4):
         x = X[l].double()
         w, b = newton_logreg(x[~te], y[~te].double(), x.mean(0), x.std(0, unbiased=False), 0.05)
@@ -52,7 +56,7 @@ def test_multinomial_stationary_point():
     y = torch.arange(240) % 4
     X = (2 * torch.randn(4, 10, generator=g)[y] + torch.randn(240, 10, generator=g))[None]
     r = train_probes(X, y, folds=3, control=True, tol=1e-10)
-    te = _strat_test(y, 0.25, torch.Generator().manual_seed(0))
+    te = strat_test(y, 0.25, torch.Generator().manual_seed(0))
     x = X[0].double(); mu, sd = x.mean(0), x.std(0, unbiased=False)
     R = torch.softmax(x[~te] @ r.W[0] + r.b[0], -1) - torch.nn.functional.one_hot(y[~te], 4).double()
     grad = ((x[~te] - mu) / sd).T @ R / len(R) + 1e-2 * r.W[0] * sd[:, None]
@@ -79,6 +83,7 @@ def test_collect_matches_cache(arch, side):
     rows = torch.tensor([p.index("e") + 1 for p in ps])                           # byte tokens after a BOS
     i = ((c.inputs["attention_mask"].cumsum(-1) - 1 == rows[:, None]) & (c.inputs["attention_mask"] == 1)).long().argmax(-1)
     torch.testing.assert_close(a.acts[1], c["resid_post", 1][ar, i], atol=1e-5, rtol=1e-5)
+    assert_no_hooks(m)
 
 def test_clear_errors():
     X, y, _ = gaussian_layers(n=100)
@@ -113,3 +118,18 @@ def test_layer_subset_keeps_model_layer_numbers():
     torch.testing.assert_close(res.direction(2), full.direction(2))          # the same probe, addressed by its layer
     torch.testing.assert_close(res.predict(acts.acts[1], 2), full.predict(acts.acts[1], 2))
     with pytest.raises(IndexError, match="probed layers: 1"): res.direction(0)
+    # the one grid convention: real layer numbers in top() and to_pandas()
+    best = res.best_layer()
+    t = res.top(2)
+    assert t[0].index == (best,) and t[0].name == f"L{best}" and {x.index[0] for x in t} == {1, 2}
+    assert abs(t[0].score - float(res.cv[res.layers.index(best)])) < 1e-6   # ScoreGrid reads scores as float32
+    df = res.to_pandas()
+    assert df["layer"].tolist() == [1, 2] and df["name"].tolist() == ["L1", "L2"] and "selectivity" in df
+
+def test_head_probes_top_uses_real_indices():
+    X, y, _ = gaussian_layers(n=200, d=8)
+    Xh = torch.randn(4, 200, 3, 8, generator=torch.Generator().manual_seed(0)); Xh[2, :, 1] = X[3]
+    r = train_probes(Xh, y, folds=2)
+    top = r.top(1)[0]
+    assert top.index == (2, 1) == r.best_layer() and top.name == "L2H1"
+    assert r.to_pandas()[["layer", "head"]].values.tolist()[:4] == [[0, 0], [0, 1], [0, 2], [1, 0]]

@@ -1,4 +1,4 @@
-"Tests for `headscope.sae.activations`: streamed and cached activations against independent references"
+"Tests for `headscope.data.corpora` and `headscope.sae.activations`: corpora, streamed and cached activations against independent references"
 from itertools import islice
 from pathlib import Path
 import json
@@ -8,18 +8,14 @@ import torch
 from headscope.models import tiny_model
 from headscope.cache import run_with_cache
 from headscope.arch import HookNameError
-from headscope.sae.activations import (python_docs_corpus, stdlib_corpus, text_corpus, token_windows,
-                                       ActivationStore, cache_activations, DiskActivations)
+from headscope.data.corpora import python_docs_corpus, stdlib_corpus, text_corpus, token_windows
+from headscope.sae.activations import ActivationStore, cache_activations, DiskActivations
+from _checks import assert_no_hooks, hook_state
 
 TEXTS = python_docs_corpus()[:4]
 
 @pytest.fixture(scope="module")
 def tiny(): return tiny_model("llama", n_layers=3, seed=1)
-
-def _hooks_of(m):   # every PyTorch hook and headscope tap, by module (HF may add its own output recorders: compare, not assume none)
-    return {n: (len(mod._forward_hooks), len(mod._forward_pre_hooks), hasattr(mod, "_headscope_taps")) for n, mod in m.named_modules()}
-
-def _no_hooks(m): return all(v == (0, 0, False) for v in _hooks_of(m).values())
 
 def _rows_sorted(a): a = a.double().numpy(); return a[np.lexsort(a.T[::-1])]
 
@@ -58,13 +54,14 @@ def test_token_windows_concatenate(tiny):
                                              ("qwen2", "blocks.1.attn.hook_z", 64), ("llama", "blocks.0.mlp.hook_post", 256)])
 def test_acts_equal_run_with_cache(arch, name, width):
     m = tiny_model(arch, n_layers=2, seed=2)
+    before = hook_state(m)   # HF may add its own output recorders: compare, not assume none
     st = ActivationStore(m, name, TEXTS, seq_len=24, batch_size=4)
     w = torch.stack(list(islice(st.windows(), 4)))
     ref = run_with_cache(m, w, names=[name])[name]           # full forward, our cache
     ref = ref.reshape(4, 24, -1)[:, 1:].reshape(-1, width)
     torch.testing.assert_close(st.acts(w), ref, rtol=0, atol=1e-6)
     assert st.d_in == width
-    assert _no_hooks(m)
+    assert_no_hooks(m, before)
 
 def test_stops_early_and_matches_plain_hf():
     tiny = tiny_model("llama", n_layers=3, seed=1)
@@ -110,14 +107,13 @@ def test_bad_hook_name(tiny):
     with pytest.raises(ValueError, match="one vector per token"): ActivationStore(tiny, "blocks.0.attn.hook_pattern", TEXTS)
 
 def test_hooks_gone_after_error(tiny):
-    before = _hooks_of(tiny)
+    before = hook_state(tiny)
     st = ActivationStore(tiny, "blocks.1.hook_resid_post", TEXTS, seq_len=16)
     with pytest.raises(IndexError): st.acts(torch.full((1, 4), 10_000))   # id outside the vocabulary
-    assert _hooks_of(tiny) == before
-    st.acts(torch.stack(list(islice(st.windows(), 1)))); assert _hooks_of(tiny) == before
-    attn = tiny.config._attn_implementation
+    assert_no_hooks(tiny, before)
+    st.acts(torch.stack(list(islice(st.windows(), 1)))); assert_no_hooks(tiny, before)
     ActivationStore(tiny, "blocks.0.attn.hook_z", TEXTS, seq_len=16).acts(torch.stack(list(islice(st.windows(), 1))))
-    assert _hooks_of(tiny) == before and tiny.config._attn_implementation == attn   # attention switched back too
+    assert_no_hooks(tiny, before)   # attention switched back too
 
 def _files(d): return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir())}
 

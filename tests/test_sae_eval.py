@@ -6,6 +6,7 @@ from headscope.hooking import hooks, add
 from headscope.sae.core import make_sae, init_b_dec
 from headscope.sae.eval import splice, splice_hooks, evaluate_sae, sae_hook_names
 from headscope.cache import run_with_cache
+from _checks import assert_no_hooks
 
 torch.set_num_threads(1)
 
@@ -49,7 +50,7 @@ def test_error_mode_without_edits_is_exact(arch, hook):
     assert (rep - plain).abs().max() > 1e-4       # the untrained SAE does change the output
     torch.testing.assert_close(st[hook], st2[hook])
     assert st[hook].shape == (*toks.shape, 4 * d)
-    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules())
+    assert_no_hooks(m)
 
 def test_replace_and_feature_edits_match_manual_hook(llama):
     toks = _toks(llama)
@@ -133,7 +134,7 @@ def test_splice_errors(llama):
     wrong = _sae('topk', 32, 'blocks.0.hook_resid_post', k=4)
     with pytest.raises(ValueError, match='d_in=32'):
         with splice(llama, wrong), torch.no_grad(): llama(_toks(llama))
-    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in llama.modules())
+    assert_no_hooks(llama)
 
 # --- evaluate_sae against float64 ------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import torch
 from headscope.models import tiny_model
 from headscope.arch import model_dims
 from headscope.sae.core import make_sae
-from headscope.sae.activations import token_windows, python_docs_corpus
+from headscope.data.corpora import token_windows, python_docs_corpus
 from headscope.sae.features import head_attribution, top_activations, logit_effects, FeatureActivations
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,14 @@
 import pytest, torch
 from headscope.models import tiny_model
 from headscope.arch import blocks
-from headscope.hooking import to_inputs, forward, hooks
+from headscope.tokens import to_inputs
+from headscope.hooking import forward, hooks
 from headscope.cache import run_with_cache
 from headscope.probes.steering import (SteeringVector, diff_in_means, pca_direction, steering_vector, steer, steering_hooks)
+from headscope.probes.sweep import steering_sweep, SteeringSweep
+from _checks import assert_no_hooks
 
 POS, NEG = ["I love it", "great fun!", "so good"], ["I hate it", "awful", "so bad, really"]
-
-def _n_hooks(m): return sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in m.modules())
 
 def _vec(m, layers, seed=0, scale=1.):
     d = m.config.hidden_size if hasattr(m.config, "hidden_size") else m.config.n_embd
@@ -70,7 +71,7 @@ def test_steered_logits_equal_plain_hf_hook(arch, hook):
     with steer(m, sv, coeff=2.5), torch.no_grad(): got = forward(m, x).logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert (got - base).abs().max() > 1e-3
-    assert _n_hooks(m) == 0
+    assert_no_hooks(m)
 
 def _nocache(m, x, n, **kw):
     ids, mask = x["input_ids"], x["attention_mask"]
@@ -92,7 +93,7 @@ def test_generate_with_kv_cache_equals_nocache_loop(arch):
         if pos == -1: continue   # the cache never revisits a position: -1 steers each new token once (see the notebook)
         assert torch.equal(got, _nocache(m, x, 6, vector=sv, pos=pos)), pos
         assert not torch.equal(got, plain), pos
-    assert _n_hooks(m) == 0
+    assert_no_hooks(m)
 
 def _steered_positions(m, x, pos, n_gen=0):
     "Which (row, position) got the vector: record the delta at resid_post of layer 0 against an unsteered run"
@@ -156,13 +157,13 @@ def test_errors_say_what_is_valid():
         with steer(m, steering_vector(torch.ones(64), layers=0), layers=[1]): pass
     with pytest.raises(ValueError, match="'prompt', 'generated'"):
         with steer(m, steering_vector(torch.ones(64), layers=0), pos="all"): pass
-    assert _n_hooks(m) == 0
+    assert_no_hooks(m)
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_scale_heads_equals_scaled_out_proj(arch):
     import copy
     from headscope.probes.steering import scale_heads
-    from headscope.hooking import ablate
+    from headscope.interventions import ablate
     m = tiny_model(arch, n_layers=2, seed=5)
     x = to_inputs(m, ["the cat sat on", "a dog"], padding_side="left")
     dh = m.config.hidden_size // m.config.num_attention_heads if arch != "gpt2" else m.config.n_embd // m.config.n_head
@@ -181,11 +182,10 @@ def test_scale_heads_equals_scaled_out_proj(arch):
         with scale_heads(m, {(0, 4): 0.}): pass
     with pytest.raises(IndexError, match=r"layers 0\.\.1"):
         with scale_heads(m, {(2, 0): 0.}): pass
-    assert _n_hooks(m) == 0
+    assert_no_hooks(m)
 
 def test_sweep_against_references():
     import math
-    from headscope.probes.steering import steering_sweep
     m = tiny_model("gpt2", n_layers=2, seed=0)
     d = _vec(m, 1, seed=6)
     sv = steering_vector(d, layers=1)
@@ -214,14 +214,12 @@ def test_sweep_against_references():
     with pytest.raises(ValueError, match="single token"):
         steering_sweep(m, sv, [0], prompts, (["hello"], ["x"]), text, progress=False)
     # breakdown: the first coeff past the factor, in sweep order
-    from headscope.probes.steering import SteeringSweep
     s = SteeringSweep(torch.tensor([0., 1, 2, 4]), torch.zeros(4), torch.tensor([10., 15, 25, float("nan")]), torch.zeros(4), 0., 10.)
     assert s.breakdown_coeff() == 2. and s.breakdown_coeff(1.2) == 1. and s.breakdown_coeff(3.) == 4.
     assert "<img src='data:image/png;base64," in s._repr_html_()
 
 @pytest.mark.slow
 def test_smollm2_sentiment_steering(smollm2):
-    from headscope.probes.steering import steering_sweep
     subj = ["I feel", "Today was", "This movie is", "My friend is"]
     v = diff_in_means(smollm2, [f"{s} happy" for s in subj], [f"{s} sad" for s in subj], layers=12, progress=False).normalised()
     words = ([" happy", " great", " good"], [" sad", " bad", " terrible"])

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from test_views_heads import allowed, refused, offline, write, voila_page       # fixtures and helpers, shared
-from headscope.views.heads import _RDBU, _NAN, _colour
-from headscope.views.patching import patching_heatmap_html, agreement_scatter_html, circuit_graph_html, _agreement
+from headscope.views.style import RDBU as _RDBU, NAN as _NAN, colour as _colour
+from headscope.views.patching import patching_heatmap_html, agreement_scatter_html
+from headscope.views.graph import circuit_graph_html
+from headscope.causal.metrics import agreement
 
 XSS = "<script>alert(1)</script>"
 TOKS = ["<bos>", "When", " Mary", XSS, " to"]
@@ -92,7 +94,7 @@ def test_scatter(offline, tmp_path):
     page.goto(write(tmp_path, agreement_scatter_html(x, y, labels, title="attribution vs exact")))
     assert page.locator("circle.hs-point").count() == 12 and page.locator("line.hs-diag").count() == 1
     assert page.locator("text.hs-tick").count() >= 6
-    a = _agreement(x, y)
+    a = agreement(y, x)
     assert page.inner_text(".hs-stats").startswith(f"Pearson r = {a['pearson']:.3f} · Spearman ρ = {a['spearman']:.3f} · top-10 overlap")
     page.locator("circle.hs-point").nth(7).hover()
     assert page.inner_text(".hs-agreement .hs-readout") == f"L1H3: exact patching {x[7].item():.3g}, attribution patching {y[7].item():.3g}"
@@ -161,7 +163,7 @@ def test_without_javascript(browser, tmp_path, grid):
     ctx.close()
 
 NOTEBOOK = r'''
-from headscope.views.patching import CircuitGraph
+from headscope.widgets.patching import CircuitGraph
 edges = [("embed", "L0H1", 0.6), ("embed", "L1H2", 0.3), ("L0H1", "L1H2.k", 0.5), ("L1H2", "L2H0.q", 0.7),
          ("L0H1", "L2H0.q", 0.2), ("L2H0", "L3H1.q", 0.9), ("L2H0", "L3H3.q", 0.4), ("L3H1", "logits", 1.2),
          ("L3H3", "logits", -0.6), ("L1H2", "MLP1", 0.05), ("MLP1", "logits", 0.08)]

@@ -1,5 +1,5 @@
-"""The SAE feature card in headless Chromium (Playwright), `feature_effect` against a plain PyTorch hook, and
-`FeatureBrowser`'s feature picker and Ablate button in Voila.
+"""The SAE feature card in headless Chromium (Playwright), `feature_effect` against a plain PyTorch hook, the
+import layers (a view imports no analysis), and `FeatureBrowser`'s feature picker and Ablate button in Voila.
 
 The page fixtures come from test_views_heads: each page test fails if the page asks for anything but file:,
 data:, blob: or about: URLs, if a script throws, or if a dialog opens (the hostile tokens below would open one
@@ -12,8 +12,9 @@ from test_views_heads import allowed, refused, offline, write, voila_page       
 from headscope.models import tiny_model
 from headscope.hooking import to_inputs
 from headscope.sae.core import make_sae
-from headscope.sae.features import FeatureActivations, LogitEffects
-from headscope.views.sae import feature_card_html, feature_effect, FeatureBrowser
+from headscope.sae.features import FeatureActivations, LogitEffects, feature_effect
+from headscope.views.sae import feature_card_html
+from headscope.widgets.sae import FeatureBrowser
 
 XSS, IMG = "<script>alert(1)</script>", "<img src=x onerror=alert(2)>"
 VOCAB = ["<bos>", " The", " cat", " sat", XSS, " on", IMG, " mat", "."]
@@ -77,6 +78,59 @@ def test_card_rare_feature(offline, tmp_path):
     assert page.locator(".hs-logits").count() == 0 and page.locator(".hs-headbar").count() == 0
     assert page.locator("svg.hs-hist rect.hs-bar").count() == 1
 
+# --- the import layers: views draw, widgets drive, analyses never import a view at module level -------------------
+
+FAMILY = ["headscope.data.corpora", "headscope.views.sae", "headscope.widgets.sae"] + [
+    f"headscope.sae.{m}" for m in ("core", "relu", "topk", "jumprelu", "activations", "train", "eval", "transcoder", "features")]
+
+def _module_imports(name):
+    "headscope modules that `name` imports at module level (not inside functions, not under `if TYPE_CHECKING`)"
+    import ast, importlib.util
+    spec = importlib.util.find_spec(name)
+    tree, pkg, out = ast.parse(open(spec.origin).read()), name.rsplit(".", 1)[0], set()
+    for node in tree.body:
+        if isinstance(node, ast.Import): out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(pkg.split(".")[:len(pkg.split(".")) - node.level + 1] + ([node.module] if node.module else []))
+            for a in node.names:   # `from . import kernels` names a module; `from .x import y` the module x
+                sub = f"{base}.{a.name}"
+                out.add(sub if importlib.util.find_spec(base) and _is_module(sub) else base)
+    return {m for m in out if m.startswith("headscope.") or m == "headscope"}
+
+def _is_module(name):
+    import importlib.util
+    try: return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError: return False
+
+def test_views_import_no_analysis():
+    "`import headscope.views.sae` loads no `headscope.sae` module, statically and in a fresh interpreter"
+    import subprocess, sys
+    assert not [m for m in _module_imports("headscope.views.sae") if m.startswith("headscope.sae")]
+    code = "import sys, headscope.views.sae; print([m for m in sys.modules if m.startswith('headscope.sae')])"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    for m in FAMILY:
+        if m.startswith("headscope.sae.") or m == "headscope.data.corpora":
+            assert not [d for d in _module_imports(m) if d.startswith(("headscope.views", "headscope.widgets"))], m
+
+def test_no_import_cycle():
+    "The module-level import graph reachable from the SAE family has no cycle"
+    graph, todo = {}, list(FAMILY)
+    while todo:
+        m = todo.pop()
+        if m in graph: continue
+        graph[m] = {d for d in _module_imports(m) if d != m and _is_module(d)}
+        todo += graph[m]
+    state = {}
+    def visit(m, path):
+        if state.get(m) == 1: raise AssertionError(f"import cycle: {' -> '.join(path[path.index(m):] + [m])}")
+        if state.get(m) == 2: return
+        state[m] = 1
+        for d in sorted(graph.get(m, ())): visit(d, path + [m])
+        state[m] = 2
+    for m in FAMILY: visit(m, [])
+
 # --- ablate and steer against a plain PyTorch hook -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -118,7 +172,7 @@ def test_feature_effect(toy, mode, coeff):
 def test_browser(toy):
     "Picker and slider stay in step; Ablate draws the effect of the picked feature; a new feature clears it"
     from headscope.sae.features import top_activations
-    from headscope.sae.activations import python_docs_corpus
+    from headscope.data.corpora import python_docs_corpus
     m, sae = toy
     fa = top_activations(m, sae, python_docs_corpus()[:30], k=3, seq_len=16, max_windows=6, features=[1, 4, 6], progress=False)
     fb = FeatureBrowser(m, sae, fa, prompt="Hello there")
@@ -138,7 +192,7 @@ import torch
 from headscope.models import tiny_model
 from headscope.sae.core import make_sae
 from headscope.sae.features import top_activations
-from headscope.views.sae import FeatureBrowser
+from headscope.widgets.sae import FeatureBrowser
 m = tiny_model("llama", n_layers=2, seed=0)
 sae = make_sae("standard", 64, 32, seed=0, hook_name="blocks.1.hook_resid_post")
 with torch.no_grad(): sae.W_dec.mul_(10); sae.W_enc.mul_(500)

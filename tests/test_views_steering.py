@@ -11,11 +11,11 @@ from transformers import DynamicCache
 
 from test_views_heads import allowed, refused, offline, write, voila_page       # fixtures and helpers, shared
 from headscope.models import tiny_model
-from headscope.hooking import hooks, to_inputs
-from headscope.causal.lens import token_strs
-from headscope.views.steering import _tok_strs
-from headscope.probes.steering import SteeringVector
-from headscope.views.steering import steered_generation_html, steer_generate, SteeringPlayground
+from headscope.hooking import hooks
+from headscope.tokens import to_inputs, token_strs
+from headscope.probes.steering import SteeringVector, steer_generate
+from headscope.views.steering import steered_generation_html, _tok_strs
+from headscope.widgets.steering import SteeringPlayground
 
 XSS = "<script>alert(1)</script>"
 PROMPT = ["<bos>", "I", " think", " this", " film", " is", XSS]
@@ -142,7 +142,7 @@ NOTEBOOK = r'''
 import torch
 from headscope.models import tiny_model
 from headscope.probes.steering import SteeringVector
-from headscope.views.steering import SteeringPlayground
+from headscope.widgets.steering import SteeringPlayground
 m = tiny_model("llama", n_layers=3, seed=0)
 g = torch.Generator().manual_seed(1)
 sv = SteeringVector({1: torch.randn(64, generator=g) * 4, 2: torch.randn(64, generator=g) * 4}, label="random")
