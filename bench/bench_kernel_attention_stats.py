@@ -25,7 +25,7 @@ def capture():
     "CPU: SmolLM2's q/k/v/mask at six layers on census inputs, and the reference statistics computed here"
     from headscope.models import load_model
     from headscope.hooking import hooks
-    from headscope.heads.census import text_tokens, repeated_tokens
+    from headscope.data.needles import text_tokens, repeated_tokens
     from headscope.kernels import attention_with_stats
     model = load_model()
     tok = model.tokenizer
@@ -152,7 +152,8 @@ def sweep():
 
 def census():
     from headscope.models import tiny_model
-    from headscope.heads.census import pattern_scores, repeated_tokens, text_tokens
+    from headscope.heads.patterns import pattern_scores
+    from headscope.data.needles import repeated_tokens, text_tokens
     from headscope.kernels import force_backend
     model = tiny_model("llama", n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_mlp=1536, seed=0,
                        max_position_embeddings=2048).cuda()

@@ -47,7 +47,7 @@ def _sliding(nq, nk, w, b):
 
 def test_reference_against_float64_pattern():
     "The chunked reference equals statistics read off a float64 pattern (GQA, sliding mask, KV offset, tiles smaller than the input)"
-    from headscope.heads.census import stats_from_pattern
+    from headscope.heads.stats import stats_from_pattern
     q, k, v, tg = _inputs(2, 6, 2, 29, 37, 16)
     for mask in (None, _sliding(29, 37, 9, 2)):
         A = _pattern64(q, k, None if mask is None else mask[:, :1].squeeze(1)[:, None])
@@ -132,7 +132,8 @@ def test_dispatch_and_errors():
 def test_census_backends_agree():
     "The head census's pattern scores on a tiny GQA Llama are the same through the kernel and through torch"
     from headscope.models import tiny_model
-    from headscope.heads.census import pattern_scores, repeated_tokens, text_tokens
+    from headscope.heads.patterns import pattern_scores
+    from headscope.data.needles import repeated_tokens, text_tokens
     model = tiny_model("llama", n_layers=2, seed=0).to(DEV)
     tok = model.tokenizer
     text = text_tokens(tok, n_seq=2, seq_len=24)

@@ -157,9 +157,9 @@ def test_analyses_load_triton_lazily(tmp_path):
     "Importing the head census or the TopK SAE does not import triton; their first kernel call does"
     out = _run("""
         import sys, torch
-        import headscope.heads.census, headscope.sae.topk
+        import headscope.heads.census, headscope.heads.stats, headscope.sae.topk
         print('triton' in sys.modules)
-        from headscope.heads.census import STAT_NAMES
+        from headscope.heads.stats import STAT_NAMES
         from headscope.kernels.attention_stats import STAT_NAMES as KERNEL_STAT_NAMES
         print(STAT_NAMES == KERNEL_STAT_NAMES)
         """, cwd=tmp_path)
