@@ -14,7 +14,8 @@ from headscope.models import tiny_model
 from headscope.hooking import hooks
 from headscope.tokens import to_inputs, token_strs
 from headscope.probes.steering import SteeringVector, steer_generate
-from headscope.views.steering import steered_generation_html, _tok_strs
+from headscope.views.steering import steered_generation_html
+from headscope.tokens import token_strs as _tok_strs
 from headscope.widgets.steering import SteeringPlayground
 
 XSS = "<script>alert(1)</script>"

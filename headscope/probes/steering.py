@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn, Tensor
 from ..arch import model_dims, check_layers, check_head
-from ..tokens import to_inputs
+from ..tokens import to_inputs, token_strs
 from ..hooking import hooks, forward
 from ..interventions import add, scale
 from .activations import collect_activations
@@ -261,8 +261,7 @@ def _steer_generate(model, prompt, vector, layer, coeff, pos, max_new_tokens, un
     x["attention_mask"] = torch.ones_like(x["input_ids"])
     u = _greedy(model, x, max_new_tokens) if unsteered is None else unsteered
     with steer(model, vector, coeff=float(coeff), layers=[layer], pos=pos): s = _greedy(model, x, max_new_tokens)
-    from headscope.views.steering import _tok_strs    # token strings as the page shows them (‹id› for a part of a character)
     tok, n = model.tokenizer, x["input_ids"].shape[1]
-    return dict(prompt_tokens=_tok_strs(tok, x["input_ids"][0]), unsteered_tokens=_tok_strs(tok, u), steered_tokens=_tok_strs(tok, s),
+    return dict(prompt_tokens=token_strs(tok, x["input_ids"][0]), unsteered_tokens=token_strs(tok, u), steered_tokens=token_strs(tok, s),
                 acted=_acted(pos, n, n + len(s)) if coeff else [False] * (n + len(s)), unsteered_ids=u, steered_ids=s,
                 layer=layer, coeff=float(coeff), pos=pos, label=vector.label, hook=vector.hook)

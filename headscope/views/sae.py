@@ -8,7 +8,7 @@ import html, math, re
 from typing import TYPE_CHECKING
 from torch import Tensor
 from ..tokens import token_strs
-from .style import PANEL, fig_html
+from .style import PANEL, fig_html, token_text_html as _text
 if TYPE_CHECKING:   # type hints only: views import no analysis
     from headscope.sae.features import FeatureActivations, LogitEffects
     from headscope.sae.eval import SAEMetrics
@@ -26,13 +26,6 @@ def _shade(a:float, amax:float)->str:
     "Background for activation `a` on a scale to `amax`: transparent at 0, opaque orange at the max"
     t = 0. if not amax or not a > 0 else min(a / amax, 1.)
     return f"rgba({_HI[0]},{_HI[1]},{_HI[2]},{t:.3f})"
-
-_MARKS = {"\n": "↵\n", "\t": "⇥\t", "\r": "␍"}
-
-def _text(t:str)->str:
-    "A token's text for the page: escaped, spaces kept, line breaks and tabs marked, empty tokens shown as ∅"
-    t = "".join(_MARKS.get(c) or (c if c.isprintable() or c == " " else c.encode("unicode_escape").decode()) for c in t)
-    return html.escape(t) if t else "∅"
 
 def _tok(t:str, a:float, amax:float, peak:bool)->str:
     tip = html.escape(f"‘{t}’ · activation {a:.4g}" if a == a else f"‘{t}’", quote=True)
@@ -134,10 +127,6 @@ def logit_effects_html(le:LogitEffects)->str:
     return f"<div style='background-color:#ffffff;color:#111111;padding:6px'>{_logits_html(le)}</div>"
 
 # %% ../../nbs/55_views.sae.ipynb #61bb717e
-def _tok_strs(tok, ids:Tensor)->list:
-    "Each token decoded on its own; a token that is only part of a character shown as ‹id›"
-    return [t if "\ufffd" not in t else f"‹{i}›" for t, i in zip(token_strs(tok, ids), ids.reshape(-1).tolist())]
-
 def effect_html(r:dict,       # from `feature_effect`
                 tokenizer,
                 k:int=6,      # tokens per list
@@ -146,7 +135,7 @@ def effect_html(r:dict,       # from `feature_effect`
     clean, new = r["clean"], r["new"]
     amax = float(r["acts"].max())
     prompt = "".join(_tok(t, float(a), amax, False) for t, a in zip(r["tokens"], r["acts"].tolist()))
-    ts = lambda ids: _tok_strs(tokenizer, ids)   # a token that is part of a character shows as ‹id›
+    ts = lambda ids: token_strs(tokenizer, ids)   # a token that is part of a character shows as ‹id›
     def lst(cls, name, ids, fmt):
         return (f"<div class='{cls}' style='flex:1 1 0;min-width:150px'><div style='font-weight:bold;font-size:12px'>{name}</div>"
                 + "".join(f"<div style='font-family:DejaVu Sans Mono,monospace;font-size:12px'><span class='hs-ltok' style='background-color:#f3f4f6'>{_text(t)}</span> "

@@ -7,24 +7,13 @@ from __future__ import annotations
 import html, math
 from torch import Tensor
 from ..tokens import token_strs
-from .style import PANEL, short_token, fig_html
+from .style import PANEL, short_token, fig_html, token_text_html as _text
 
 # %% auto #0
 __all__ = ['steered_generation_html', 'steering_vector_html', 'steering_sweep_html', 'gact_html']
 
 # %% ../../nbs/54_views.steering.ipynb #efeedcea
 _MUTED, _INK, _ACTED, _DIFF = "#6b7280", "#111111", "#fde68a", "#dc2626"
-_MARKS = {"\n": "↵\n", "\t": "⇥\t", "\r": "␍"}
-
-def _text(t:str)->str:
-    "A token's text for the page: escaped, whitespace kept, line breaks and tabs marked, empty tokens shown as ∅"
-    t = "".join(_MARKS.get(c) or (c if c.isprintable() or c == " " else c.encode("unicode_escape").decode()) for c in t)
-    return html.escape(t) if t else "∅"
-
-def _tok_strs(tok, ids:Tensor)->list:
-    "Each token decoded on its own; a token that is only part of a character (decodes to �) shown as ‹id› so tokens stay distinct"
-    return [t if "\ufffd" not in t else f"‹{i}›" for t, i in zip(token_strs(tok, ids), ids.reshape(-1).tolist())]
-
 def _differs(a:list, b:list)->list:
     "For each index up to the longer list: whether `a` and `b` disagree there (a missing token disagrees)"
     return [i >= len(a) or i >= len(b) or a[i] != b[i] for i in range(max(len(a), len(b)))]
