@@ -9,7 +9,7 @@ _LAZY = {
     "models": ["load_model", "tiny_model", "model_summary", "TINY_ARCHS", "byte_tokenizer", "embedded_gguf_path", "headscope_cache_dir"],
     "arch": ["model_hook_names", "resolve_names", "model_dims", "arch_spec", "act_name", "SUPPORTED_ARCHS",
              "check_layers", "check_head", "head_out_weights", "fold_norm"],
-    "tokens": ["to_inputs", "token_strs", "single_token_id", "single_token_ids", "pos_index"],
+    "tokens": ["to_inputs", "token_strs", "show_tokens", "single_token_id", "single_token_ids", "pos_index", "set_prepend_bos"],
     "hooking": ["hooks", "run_with_hooks", "run_until", "StopForward", "HookContext"],
     "interventions": ["patch", "ablate", "scale", "add"],
     "cache": ["run_with_cache", "estimate_cache", "ActivationCache"],
