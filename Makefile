@@ -6,8 +6,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.headscope-installed
 PROMPT ?= When Mary and John went to the store, John gave a drink to
 OUT    ?= reports/demo.html
+DEMO_ARGS ?=
 
-.PHONY: env demo test test-fast export clean-nbs bench
+.PHONY: env demo lab test test-fast export clean-nbs bench
 env: $(STAMP)
 
 $(STAMP): setup.py settings.ini
@@ -18,7 +19,12 @@ $(STAMP): setup.py settings.ini
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/headscope report --prompt "$(PROMPT)" --out $(OUT)
+	$(BIN)/headscope report --prompt "$(PROMPT)" --out $(OUT) $(DEMO_ARGS)
+
+# JupyterLab on this machine only (127.0.0.1), with the chapters and tutorials; installs jupyterlab on first use
+lab: $(STAMP)
+	test -x $(BIN)/jupyter-lab || $(BIN)/pip install -q jupyterlab
+	$(BIN)/jupyter lab --ip=127.0.0.1 --no-browser nbs/
 
 # export must leave the tree unchanged (notebooks are the source), then notebooks, then pytest
 test: $(STAMP)
