@@ -158,3 +158,16 @@ def test_heads_import_no_views_widgets_causal_or_triton():
             "bad = [m for m in sys.modules if m.startswith(('headscope.views', 'headscope.widgets', 'headscope.causal', 'triton', 'ipywidgets'))]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+def test_census_shows_no_warnings_of_its_own(caplog):
+    "headscope's own calls raise no user-visible warning: no transformers length warning, no autograd warning from to_pandas"
+    import logging, warnings
+    from headscope.heads.census import head_census
+    m = tiny_model("llama")
+    lg = logging.getLogger("transformers"); old = lg.propagate; lg.propagate = True
+    try:
+        with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
+            warnings.simplefilter("error")
+            head_census(m, retrieval=False, modes=("zero",), n_seq=2, seq_len=16, prompt="the cat", answer="x", progress=False).to_pandas()
+    finally: lg.propagate = old
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]

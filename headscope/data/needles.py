@@ -46,7 +46,7 @@ def text_tokens(tok,                  # the model's tokenizer
     first = first_token_id(tok) if bos else None
     body = seq_len - (first is not None)
     need = n_seq * body * 8
-    ids = tok(text[:need * 2] if len(text) > need * 2 else text, add_special_tokens=False)["input_ids"]
+    ids = tok(text[:need * 2] if len(text) > need * 2 else text, add_special_tokens=False, verbose=False)["input_ids"]   # a long text cut into windows: no length warning
     ids = torch.tensor(ids)
     if len(ids) < body: raise ValueError(f"The text has {len(ids)} tokens; {body} are needed per window. Pass a longer `text` or a smaller `seq_len`.")
     g = torch.Generator().manual_seed(seed)
@@ -71,7 +71,7 @@ def needle_tasks(tok,                     # the model's tokenizer
                 )->list[NeedleTask]:
     "Needle-in-a-haystack copy tasks: 'The secret code is 7 3 9 1 4 2.' inside filler text, then the question"
     rng = random.Random(seed)
-    filler = tok((text or default_text())[:200_000], add_special_tokens=False)["input_ids"]
+    filler = tok((text or default_text())[:200_000], add_special_tokens=False, verbose=False)["input_ids"]
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     out = []
     first = first_token_id(tok)
