@@ -260,7 +260,3 @@ def attention_head_html(tokens:list, pattern, layer:int, head:int, n_kv_heads:in
     d = _as_layers({layer: torch.as_tensor(pattern)[None]}, len(toks))
     group = _grouping(n_heads, n_kv_heads) if n_heads else None
     return _explorer(toks, d, [head], group, layer, head, remove_bos, first_is_special, None, encode_patterns(d[layer][None]), False)
-
-# %% ../../nbs/51_views.attention.ipynb #c84b477e
-# aliases for modules not yet moved to views.style; remove when nothing imports them
-_short = short_token

@@ -159,14 +159,3 @@ def census_html(census,            # a `HeadCensus` (read by its fields)
                              descriptions=census.descriptions, title=title, first_is_special=first_is_special, **kw)
     return (f"<div class='hs-census' style='{PANEL}'>"
             f"<div class='hs-title' style='font-weight:bold;margin-bottom:4px;{_INK}'>{html.escape(repr(census))}</div>{_roles_html(census)}{heat}</div>")
-
-# %% ../../nbs/52_views.heads.ipynb #56e76a47
-# aliases for modules not yet moved to views.style; remove when nothing imports them
-from .style import VIRIDIS as _VIRIDIS, RDBU as _RDBU, colour as _colour, json_for_script as _json
-_PANEL, _CTRL, _GROUPS, _NAN = PANEL, CTRL, GROUPS, NAN
-_scale, _colours, _fmt, _colourbar_svg = colour_scale, colours, fmt_score, colourbar_svg
-
-def _with_html(w, kw)->dict:
-    "Old copy of `widgets.base.with_static_html` (a view may not import widgets)"
-    import ipywidgets as widgets
-    return {**(widgets.VBox._repr_mimebundle_(w, **kw) or {}), "text/html": w.to_html()}
