@@ -6,10 +6,13 @@
 - bad input says what was wrong, and no hook is left behind;
 - grids over some layers name the real layers and heads (top, to_pandas, heatmap rows), for activation,
   attribution and path patching alike."""
-import re
+import re, warnings
 import pytest, torch
 from headscope.models import tiny_model, TINY_ARCHS
-from headscope.causal.metrics import logit_diff
+from headscope.causal.metrics import logit_diff, agreement
+from headscope.causal.attribution import edge_attribution_patching
+from headscope.causal.lens import top_predictions, logit_lens
+from headscope.causal.circuits import rank_heads
 from headscope.causal.patching import activation_patching
 from headscope.causal.reference import naive_patching
 from headscope.causal.attribution import attribution_patching
@@ -38,7 +41,8 @@ def test_fast_paths_equal_naive_loop(arch):
 def test_sanity_and_baselines(arch):
     m = tiny_model(arch, n_layers=2, seed=2)
     clean, corrupt = _pair(1)
-    same = activation_patching(m, clean, clean, metric, "z", -1, progress=False)
+    with pytest.warns(RuntimeWarning, match="nearly coincide"):
+        same = activation_patching(m, clean, clean, metric, "z", -1, progress=False)
     torch.testing.assert_close(same.raw, torch.full_like(same.raw, same.clean), atol=1e-4, rtol=0)
     full = activation_patching(m, clean, corrupt, metric, "resid_post", None, layers=[1], progress=False)
     torch.testing.assert_close(full.scores, torch.ones(1), atol=1e-4, rtol=0)
@@ -61,6 +65,69 @@ def test_errors_and_no_leftover_hooks():
     with torch.no_grad(): a = m(input_ids=clean).logits
     activation_patching(m, clean, corrupt, metric, progress=False)
     with torch.no_grad(): assert torch.equal(m(input_ids=clean).logits, a)
+
+def test_baselines_that_coincide_give_nan_and_a_warning():
+    "Identical prompts: the scores would be noise / ~1e-8; every analysis that normalises says so and returns NaN"
+    m = tiny_model("llama", n_layers=2, n_heads=4, seed=3, initializer_range=0.2)
+    clean, corrupt = _pair(2)
+    runs = {"Patching": lambda c, k: activation_patching(m, c, k, metric, "z", -1, progress=False),
+            "Attribution patching": lambda c, k: attribution_patching(m, c, k, metric, "z", -1, progress=False),
+            "Path patching": lambda c, k: path_patching(m, c, k, metric, "each", "logits", progress=False),
+            "Edge attribution patching": lambda c, k: edge_attribution_patching(m, c, k, metric, progress=False)}
+    for what, run in runs.items():
+        with pytest.warns(RuntimeWarning, match=f"^{what}: the clean and corrupted baselines nearly coincide"):
+            res = run(clean, clean)
+        assert res.scores.isnan().all(), what
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            assert run(clean, corrupt).scores.isfinite().any(), what          # a real difference: no warning, numbers
+    # one pair of two is identical: the mean gap is real, the warning names the row
+    mixed = torch.stack([corrupt[0], clean[1]])
+    with pytest.warns(RuntimeWarning, match=r"1 of 2 prompt pairs .*rows \[1\]"):
+        res = activation_patching(m, clean, mixed, metric, "z", -1, progress=False)
+    assert res.scores.isfinite().all()
+
+def test_no_deprecation_warnings_from_transformers():
+    "The prefix-KV paths (activation and path patching) and their pages use the current cache API: no FutureWarning"
+    m = tiny_model("llama", n_layers=2)
+    clean, corrupt = _pair()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        r = activation_patching(m, clean, corrupt, metric, "z", -1, progress=False)        # pos=-1: the corrupted prefix's KV cache
+        p = path_patching(m, clean, corrupt, metric, "each", "logits", progress=False)       # the clean prefix's KV cache
+        q = path_patching(m, clean, corrupt, metric, "each", [(1, 0)], "q", pos=-1, progress=False)
+        r._repr_html_(); p._repr_html_(); q._repr_html_()
+    assert_no_hooks(m)
+
+_V = tiny_model("llama", n_layers=1).config.vocab_size
+BAD_INPUTS = [   # (what is called, the error it must raise, the words that say what was wrong and what is valid)
+    (lambda m, c, k: activation_patching(m, c, k, lambda lg: metric(lg).mean(), progress=False), ValueError,
+     r"Patching: the metric must return a tensor of shape \[batch\] = \[2\].*returned shape \[\]: a scalar"),
+    (lambda m, c, k: activation_patching(m, c, k, lambda lg: lg[:, :2], progress=False), ValueError,
+     r"Patching: the metric must return a tensor of shape \[batch\] = \[2\].*returned shape \[2, 2\]"),
+    (lambda m, c, k: activation_patching(m, c, k, lambda lg: float(metric(lg)[0]), progress=False), TypeError,
+     r"Patching: the metric must return a tensor of shape \[batch\] = \[2\].*returned a float"),
+    (lambda m, c, k: attribution_patching(m, c, k, lambda lg: metric(lg).sum(), progress=False), ValueError,
+     r"Attribution patching: the metric must return a tensor of shape \[batch\]"),
+    (lambda m, c, k: path_patching(m, c, k, lambda lg: metric(lg).mean(), progress=False), ValueError,
+     r"Path patching: the metric must return a tensor of shape \[batch\]"),
+    (lambda m, c, k: edge_attribution_patching(m, c, k, lambda lg: metric(lg).mean(), progress=False), ValueError,
+     r"Edge attribution patching: the metric must return a tensor of shape \[batch\]"),
+    (lambda m, c, k: top_predictions(m, c, k=0), ValueError, rf"k=0 is not a number of top tokens: give an integer from 1 to the vocabulary size, {_V}"),
+    (lambda m, c, k: top_predictions(m, c, k=_V + 1), ValueError, rf"k={_V + 1} is not a number of top tokens.*vocabulary size, {_V}"),
+    (lambda m, c, k: logit_lens(m, c[:1], k=0), ValueError, rf"k=0 is not a number of top tokens.*vocabulary size, {_V}"),
+    (lambda m, c, k: logit_lens(m, c[:1], k=_V + 1), ValueError, rf"k={_V + 1} is not a number of top tokens"),
+    (lambda m, c, k: agreement(torch.ones(4), torch.ones(4), k=0), ValueError, r"k=0: the top-k sets need a positive integer k"),
+    (lambda m, c, k: rank_heads(torch.ones(2, 4), 0), ValueError, r"k=0: keep a positive number of heads, or None for all"),
+]
+
+@pytest.mark.parametrize("call, err, msg", BAD_INPUTS, ids=[f"row{i}" for i in range(len(BAD_INPUTS))])
+def test_bad_inputs_causal(call, err, msg):
+    "Each bad input gets an error that says what was wrong and what is valid, and leaves no hook behind"
+    m, (clean, corrupt) = tiny_model("llama", n_layers=2), _pair()
+    with pytest.raises(err, match=msg): call(m, clean, corrupt)
+    assert_no_hooks(m)
 
 @pytest.mark.slow
 def test_smollm2_datasets_and_prefix(smollm2):

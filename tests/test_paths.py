@@ -142,7 +142,9 @@ def test_identities(arch, prompts):
     L, H = model_dims(m).n_layers, model_dims(m).n_heads
     # nothing corrupted: no path moves the metric
     for rcv in ("logits", [(2, 1)]):
-        same = path_patching(m, clean, clean, metric, "each", rcv, progress=False)
+        with pytest.warns(RuntimeWarning, match="nearly coincide"):                 # and no score to normalise by: NaN
+            same = path_patching(m, clean, clean, metric, "each", rcv, progress=False)
+        assert same.scores.isnan().all()
         eff = (same.raw - same.clean)
         assert torch.allclose(eff[eff.isfinite()], torch.zeros(int(eff.isfinite().sum())), atol=1e-5)
     # a last-layer head's path to the logits is activation patching of its z, corrupt into clean (nothing downstream is a head)
@@ -155,10 +157,10 @@ def test_identities(arch, prompts):
     lg = run_with_hooks(m, clean, [(f"blocks.{L-1}.attn.hook_z", patch(cz[f"blocks.{L-1}.attn.hook_z"])),
                                    (f"blocks.{L-1}.hook_mlp_out", patch(cc[f"blocks.{L-1}.hook_mlp_out"]))])
     assert abs(float(grp.raw[0]) - float(metric(lg[:, -1]).mean())) < 1e-4
-    # baselines and normalisation: -1 = the path carries the whole difference
+    # baselines and normalisation, signed as in activation patching: 1 = the path carries the whole difference
     assert abs(last.clean - float(metric(run_with_hooks(m, clean)[:, -1]).mean())) < 1e-5
     assert abs(last.corrupt - float(metric(run_with_hooks(m, corrupt)[:, -1]).mean())) < 1e-5
-    assert torch.allclose(last.scores, (last.raw - last.clean) / (last.clean - last.corrupt))
+    assert torch.allclose(last.scores, (last.clean - last.raw) / (last.clean - last.corrupt))
 
 def test_errors_and_hooks_removed(prompts):
     m = _tiny("llama", n_kv_heads=2)
@@ -202,7 +204,9 @@ def test_result_views(prompts):
     es = res.edges()
     assert len(es) == 2 * 8 and all(re.fullmatch(r"L\d+H\d+", a) and b in ("L2H1", "L2H3") for a, b, _ in es)
     assert [abs(v) for *_, v in es] == sorted((abs(v) for *_, v in es), reverse=True)
-    assert res.top(1)[0].name == es[0][0]                       # by |score| by default, like the edges
+    assert res.top(1, absolute=True)[0].name == es[0][0]        # by |score|, like the edges
+    assert res.top(3) == res.top(3, largest=True, absolute=False)  # by default largest first, like every result
+    assert res.top(1)[0].score == float(res.scores.nan_to_num(-math.inf).max())
     neg = res.top(3, "neg")
     assert [t.score for t in neg] == sorted(t.score for t in neg) and neg[0].score == float(res.scores.nan_to_num(math.inf).min())
     assert neg == res.top(3, largest=False, absolute=False) and res.top(3, "pos") == res.top(3, absolute=False)

@@ -219,3 +219,43 @@ def test_auxk_scale_and_decoder_bias():
     e_hat = h[:, [2, 5]] @ Wd[[2, 5]] + bd                 # both dead latents kept, no ReLU, bias included
     want = sae.cfg.aux_coeff * 0.5 * (e - e_hat).pow(2).sum(-1).mean()
     torch.testing.assert_close(l['aux'], want, rtol=1e-10, atol=0)
+
+# --- bad inputs: one table, each row a call and the message that says what was wrong and what is valid ---
+def _folder(cfg_text=None, weights=None):
+    "A saved standard SAE in a fresh folder, its cfg.json replaced by `cfg_text` or its weights by `weights` bytes"
+    import tempfile
+    d = save_sae(_sae('standard'), tempfile.mkdtemp())
+    if cfg_text is not None: (d/'cfg.json').write_text(cfg_text)
+    if weights is not None: (d/'sae_weights.safetensors').write_bytes(weights(d/'sae_weights.safetensors'))
+    return d
+
+def _cfg(**changes):
+    c = json.loads((_folder()/'cfg.json').read_text())
+    for k, v in changes.items():
+        if v is None: c.pop(k, None); c['metadata'].pop('training_architecture', None)
+        else: c[k] = v
+    return json.dumps(c)
+
+BAD_INPUTS = [
+    (lambda: make_sae('standard', -4, 8), "d_in must be an int >= 1; got -4."),
+    (lambda: make_sae('standard', 4, '8'), "d_sae must be an int >= 1; got '8'."),
+    (lambda: make_sae('standard', 4, 0), "d_sae must be an int >= 1; got 0."),
+    (lambda: make_sae('standard', 4, 8, dtype='float33'), "dtype='float33'; valid: ['float32', 'float64', 'float16', 'bfloat16']"),
+    (lambda: make_sae('topk', 4, 8, k=0), "topk needs 0 < k <= d_sae=8; got k=0"),
+    (lambda: make_sae('topk', 4, 8, k=9), "topk needs 0 < k <= d_sae=8; got k=9"),
+    (lambda: make_sae('batchtopk', 4, 8, k='2'), "k must be None or an int >= 0; got '2'."),
+    (lambda: _sae('standard').loss(torch.randn(3, 4)), "The data has rows 4 wide, but this SAE reads d_in=6."),
+    (lambda: load_sae(_folder('{"architecture": "standard", "d_in": 6, "d_s')), "cfg.json is not valid JSON"),
+    (lambda: load_sae(_folder('architecture = standard')), "cfg.json is not valid JSON"),
+    (lambda: load_sae(_folder('[6, 24]')), "cfg.json is not an SAE config: it needs a JSON object with d_in, d_sae and architecture."),
+    (lambda: load_sae(_folder(_cfg(architecture=None))), "cfg.json names no architecture; add \"architecture\": one of"),
+    (lambda: load_sae(_folder(_cfg(d_sae='24'))), "cfg.json: d_sae must be an int >= 1; got '24'."),
+    (lambda: load_sae(_folder(weights=lambda p: p.read_bytes()[:40])), "sae_weights.safetensors cannot be read"),
+]
+
+@pytest.mark.parametrize('call,msg', BAD_INPUTS, ids=[m[:40] for _, m in BAD_INPUTS])
+def test_bad_inputs_sae(call, msg):
+    with pytest.raises(ValueError) as e: call()
+    assert msg in str(e.value), str(e.value)
+    if 'cfg.json' in msg or 'safetensors' in msg:                                # the file is named by its path
+        import tempfile; assert tempfile.gettempdir() in str(e.value)

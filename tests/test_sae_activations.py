@@ -164,3 +164,20 @@ def test_cache_matches_store_and_reader(tiny, tmp_path):
     torch.testing.assert_close(torch.cat(list(DiskActivations(tmp_path, batch_size=100, seed=5))), b1, rtol=0, atol=0)
     with pytest.raises(ValueError, match="other settings"):
         cache_activations({**kw, "seq_len": 32}, tmp_path, n_tokens=250, progress=False)
+
+def test_second_writer_refused(tiny, tmp_path):
+    "Another process holding the folder's lock: cache_activations refuses at once (no forward, no manifest.tmp crash)"
+    import subprocess, sys
+    tmp_path.mkdir(exist_ok=True)
+    code = "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        st = ActivationStore(tiny, "blocks.1.hook_resid_post", TEXTS, seq_len=16, batch_size=3)
+        calls = [0]; real = st.acts
+        st.acts = lambda t: (calls.__setitem__(0, calls[0] + 1), real(t))[1]
+        with pytest.raises(RuntimeError, match="being written by another cache_activations run"):
+            cache_activations(st, tmp_path, n_tokens=60, shard_tokens=30, progress=False)
+        assert calls[0] == 0 and not (tmp_path / "manifest.json").exists()
+    finally: p.kill(); p.wait()
+    assert len(cache_activations(st, tmp_path, n_tokens=60, shard_tokens=30, progress=False)) == 60   # free once it is gone

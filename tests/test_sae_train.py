@@ -70,3 +70,39 @@ def test_errors():
     X = _toy()
     with pytest.raises(TypeError, match='data must be a Tensor'): train_sae(make_sae('topk', 10, 30, k=3), 5, 100)
     with pytest.raises(ValueError, match='as many rows'): train_sae(make_sae('topk', 10, 30, k=3), (X, X[:5]), 100)
+
+@pytest.mark.parametrize('width', [32, 96])
+def test_wrong_width_refused_not_regrouped(width):
+    "A d_in=64 SAE fed 32- or 96-wide rows: refused with both widths, from a tensor and from a stream"
+    X = torch.randn(200, width)
+    for data in (X, [X[:100], X[100:]]):
+        s = make_sae('topk', 64, 32, k=4, seed=0); w0 = s.W_dec.detach().clone()
+        with pytest.raises(ValueError, match=f"rows {width} wide.*but this SAE reads d_in=64"): train_sae(s, data, 256, batch_size=64, progress=False)
+        assert torch.equal(s.W_dec, w0)                                     # refused before any step
+
+def test_refuses_nonfinite_and_bad_sizes():
+    X = torch.randn(200, 10)
+    with pytest.raises(ValueError, match='1 NaN/inf values'): train_sae(make_sae('topk', 10, 30, k=3), X.index_put((torch.tensor([5]), torch.tensor([2])), torch.tensor(float('nan'))), 100, progress=False)
+    with pytest.raises(ValueError, match='NaN/inf values at step 0'): train_sae(make_sae('topk', 10, 30, k=3), [torch.full((100, 10), float('inf'))], 100, batch_size=50, progress=False)
+    s = make_sae('topk', 10, 30, k=3)
+    with torch.no_grad(): s.W_enc[0, 0] = float('inf')
+    with pytest.raises(ValueError, match=r"\['W_enc'\] hold NaN or inf"): train_sae(s, X, 100, progress=False)
+    for kw, msg in ((dict(batch_size=0), 'batch_size must be a positive int'), (dict(n_tokens=0), 'n_tokens must be a positive int'),
+                    (dict(log_every=0), 'log_every must be a positive int')):
+        with pytest.raises(ValueError, match=msg): train_sae(make_sae('topk', 10, 30, k=3), X, **{'n_tokens': 100, **kw}, progress=False)
+
+def test_resume_skips_damaged_checkpoint_and_refuses_changes(tmp_path):
+    X = _toy()
+    def run(arch='topk', k=3, d_in=10, data=X, **kw):
+        s = make_sae(arch, d_in, 30, k=k, seed=1)
+        return s, train_sae(s, data, n_tokens=100 * 6, batch_size=100, lr=5e-3, checkpoint_dir=tmp_path / 'c', checkpoint_every=2,
+                            progress=False, **kw)
+    ref, _ = run(max_steps=4)                                              # step_2 and step_4
+    bad = tmp_path / 'c' / 'step_4' / 'trainer.pt'
+    bad.write_bytes(bad.read_bytes()[:64])
+    with pytest.warns(UserWarning, match=f"cannot read {bad}"): s, log = run()
+    assert log.resumed_from == 2 and latest_checkpoint(tmp_path / 'c').name == 'step_6'
+    for kw, what in ((dict(k=4), "k 3 → 4"), (dict(arch='batchtopk'), "architecture 'topk' → 'batchtopk'"),
+                     (dict(d_in=12, data=torch.randn(500, 12)), "d_in 10 → 12"), (dict(data=X + 1), "data '1024 rows × 10")):
+        with pytest.raises(ValueError, match="changed \\(saved → now\\):.*" + what.replace('(', '\\(')): run(**kw)
+    assert not list((tmp_path / 'c').glob('*.tmp'))                        # written atomically: no temp folder left

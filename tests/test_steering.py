@@ -6,7 +6,9 @@
 - `generate()` with the KV cache equals a no-cache loop that re-runs the whole sequence, steered each step;
 - the `pos` rules pick the right positions under left padding;
 - `scale_heads` equals scaling `o_proj`'s input columns by hand; zero equals zero-ablation;
-- bad input says what is valid; no hook is left behind."""
+- bad input says what is valid; no hook is left behind; `test_bad_inputs_probes` is one table of every entry
+  point's bad inputs (NaN/inf vectors and coefficients, float labels, wrong widths, unknown hooks and `pos`,
+  empty prompt lists), each refused before any forward."""
 import pytest, torch
 from headscope.models import tiny_model
 from headscope.arch import blocks
@@ -227,3 +229,93 @@ def test_smollm2_sentiment_steering(smollm2):
                         "The capital of France is Paris.", progress=False)
     assert sw.shift[0] < -0.5 and sw.shift[2] > 0.5 and float(sw.shift[1]) == 0.
     assert sw.breakdown_coeff() is None and float(sw.kl[1]) < 1e-6
+
+# --- bad input: one table, every entry point of probing and steering -----------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+_V = lambda: steering_vector(torch.ones(64), layers=[0, 1])
+
+def _enter(cm):
+    with cm: pass
+
+def _table():
+    from headscope.probes.steering import steer_generate, scale_heads
+    from headscope.probes.activations import collect_activations
+    from headscope.probes.probing import train_probes
+    from headscope.probes.gact import gact_fit, GACT
+    from headscope.data.prompts import labelled_prompts, LabelledPrompts
+    from headscope.widgets.steering import SteeringPlayground
+    A, y = torch.randn(2, 10, 8), torch.tensor([0, 1] * 5)
+    nan_dir = torch.ones(64); nan_dir[5] = NAN
+    words, text = (["a"], ["x"]), "the quick brown fox"
+    return [   # (what, call on the tiny model, the message: what was wrong and what is valid)
+        ("vector with NaN", lambda m: steering_vector(nan_dir, layers=0), r"1 of 64 entries are NaN or inf.*Give finite numbers"),
+        ("vector with inf", lambda m: SteeringVector({0: torch.full((64,), INF)}), r"layer 0: 64 of 64 entries are NaN or inf"),
+        ("direction a string", lambda m: steering_vector("abc"), r"a direction is a tensor \(or list\) of numbers \[d_model\], not 'abc'"),
+        ("direction in a dict a string", lambda m: steering_vector({0: "abc"}), r"vector at layer 0: a direction is a tensor"),
+        ("layer a string", lambda m: steering_vector(torch.ones(64), layers="1"), r"real layer indices 0, 1, \.\.\., not '1'"),
+        ("negative layer key", lambda m: SteeringVector({-1: torch.ones(64)}), r"real layer indices 0, 1, \.\.\., not -1"),
+        ("wrong width", lambda m: _enter(steer(m, steering_vector(torch.ones(32), layers=0))), r"width 32, but the model's d_model is 64"),
+        ("coeff NaN", lambda m: _enter(steer(m, _V(), coeff=NAN)), r"coeff must be finite, not nan"),
+        ("coeff inf", lambda m: _enter(steer(m, _V(), coeff=INF)), r"coeff must be finite, not inf"),
+        ("coeff a string", lambda m: _enter(steer(m, _V(), coeff="big")), r"coeff must be a real number such as 4 or -2.5, not 'big'"),
+        ("coeff a bool", lambda m: _enter(steer(m, _V(), coeff=True)), r"coeff must be a real number"),
+        ("pos unknown", lambda m: _enter(steer(m, _V(), pos="last")), r"`pos` must be None, 'prompt', 'generated', or an int"),
+        ("pos a bool", lambda m: _enter(steer(m, _V(), pos=True)), r"`pos` must be None, 'prompt', 'generated', or an int"),
+        ("pos an empty list", lambda m: _enter(steer(m, _V(), pos=[])), r"non-empty list of ints"),
+        ("steer at an unknown hook", lambda m: steering_vector(torch.ones(64), layers=0, hook="resid_post"), r"choose one of hook_resid_post, hook_resid_pre"),
+        ("head factor NaN", lambda m: _enter(scale_heads(m, {(0, 1): NAN})), r"factor of head \(0, 1\) must be finite"),
+        ("generate: coeff NaN", lambda m: steer_generate(m, "hi", _V(), 0, NAN), r"coeff must be finite"),
+        ("generate: pos unknown", lambda m: steer_generate(m, "hi", _V(), 0, 1., pos="middle"), r"`pos` must be None"),
+        ("generate: layer a string", lambda m: steer_generate(m, "hi", _V(), "0", 1.), r"no direction at layer '0'; it has layers \[0, 1\]"),
+        ("generate: max_new_tokens 0", lambda m: steer_generate(m, "hi", _V(), 0, 1., max_new_tokens=0), r"max_new_tokens must be a positive int"),
+        ("diff_in_means: empty positive", lambda m: diff_in_means(m, [], NEG, progress=False), r"`positive` is empty: give a list of prompts"),
+        ("diff_in_means: empty negative", lambda m: diff_in_means(m, POS, [], progress=False), r"`negative` is empty: give a list of prompts"),
+        ("diff_in_means: unknown hook", lambda m: diff_in_means(m, POS, NEG, hook="resid_post", progress=False), r"choose one of hook_resid_post"),
+        ("diff_in_means: marker missing", lambda m: diff_in_means(m, ["I love it", "I like it"], ["I hate it", "awful"], pos=" it", progress=False), r"marker pos=' it' is not in the negative prompt 'awful'"),
+        ("pca: unpaired", lambda m: pca_direction(m, POS, NEG[:2], progress=False), r"paired lists of prompts of equal length; got 3 positive and 2"),
+        ("collect: no prompts", lambda m: collect_activations(m, [], progress=False), r"No prompts given: pass a list of prompt strings"),
+        ("collect: a number as prompt", lambda m: collect_activations(m, ["hi", 7], progress=False), r"prompt 1 is 7 \(int\)"),
+        ("collect: unknown hook kind", lambda m: collect_activations(m, ["hi"], "resid_foo", progress=False), r"Unknown hook kind 'resid_foo'\. Known kinds: resid_pre"),
+        ("collect: unknown hook name", lambda m: collect_activations(m, ["hi"], ["blocks.0.hook_foo"], progress=False), r"Unknown hook name 'blocks.0.hook_foo'\. Nearest valid names"),
+        ("collect: pos a float", lambda m: collect_activations(m, ["hi"], pos=1.5, progress=False), r"pos must be an int, 'mean' or a marker string, not 1.5"),
+        ("collect: pos past the end", lambda m: collect_activations(m, ["a b c d e f g", "hi"], pos=5, batch_size=1, progress=False), r"Position 5 is out of range for prompt 1 of 3 tokens"),
+        ("collect: batch_size 0", lambda m: collect_activations(m, ["hi"], batch_size=0, progress=False), r"batch_size must be a positive int, not 0"),
+        ("probes: float labels", lambda m: train_probes(A, y + 0.5), r"label 0 is 0.5, which would be truncated\. Round or bin"),
+        ("probes: NaN labels", lambda m: train_probes(A, torch.full((10,), NAN)), r"label 0 is nan"),
+        ("probes: string labels", lambda m: train_probes(A, ["a", "b"] * 5), r"integer class ids 0\.\.K-1, not strings"),
+        ("probes: labels too few", lambda m: train_probes(A, y[:8]), r"There are 8 labels for 10 activations"),
+        ("probes: labels 2-D", lambda m: train_probes(A, y[:, None]), r"one class id per prompt, shape \[batch\]; got shape \(10, 1\)"),
+        ("probes: NaN activations", lambda m: train_probes(torch.full((2, 10, 8), NAN), y), r"acts hold NaN or inf"),
+        ("probes: test_frac 0", lambda m: train_probes(A, y, test_frac=0), r"test_frac must be between 0 and 1"),
+        ("probes: folds a string", lambda m: train_probes(A, y, folds="5"), r"folds must be an int >= 0"),
+        ("probes: too few class names", lambda m: train_probes(A, y, classes=["a"]), r"1 class names for labels 0\.\.1"),
+        ("prompts: labels of the wrong length", lambda m: LabelledPrompts(["a", "b"], torch.tensor([0]), ["x"]), r"one label per prompt: 2 prompts"),
+        ("prompts: n 0", lambda m: labelled_prompts("sentiment", n=0), r"n must be None \(all\) or an int >= 2"),
+        ("sweep: coeff inf", lambda m: steering_sweep(m, _V(), [0, INF], ["hi"], words, text, progress=False), r"coeffs\[1\] must be finite"),
+        ("sweep: no coeffs", lambda m: steering_sweep(m, _V(), [], ["hi"], words, text, progress=False), r"`coeffs` is empty"),
+        ("sweep: one coeff", lambda m: steering_sweep(m, _V(), 4, ["hi"], words, text, progress=False), r"`coeffs` must be a list of numbers"),
+        ("sweep: pos unknown", lambda m: steering_sweep(m, _V(), [1.], ["hi"], words, text, pos="x", progress=False), r"`pos` must be None"),
+        ("gact: no prompts", lambda m: gact_fit(m, [], "x ", "a", 0, progress=False), r"`prompts` must be a non-empty list of strings"),
+        ("gact: concepts of the wrong length", lambda m: gact_fit(m, ["a b", "c d"], ["x"], "a", 0, progress=False), r"Got 1 concept prompts for 2 prompts"),
+        ("gact: coeff NaN", lambda m: gact_fit(m, ["a b", "c d"], "x ", "a", 0, n_clusters=1, coeff=NAN, progress=False), r"coeff must be finite"),
+        ("playground: coeff NaN", lambda m: SteeringPlayground(m, {"v": _V()}, coeff=NAN), r"coeff must be finite"),
+        ("playground: not a vector", lambda m: SteeringPlayground(m, {"v": torch.ones(64)}), r"must be a SteeringVector"),
+    ]
+
+_ROWS = _table()
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("llama", n_layers=2, seed=0)
+
+@pytest.mark.parametrize("call,message", [r[1:] for r in _ROWS], ids=[r[0] for r in _ROWS])
+def test_bad_inputs_probes(tiny, call, message):
+    "Each bad input gets an error that says what was wrong and what is valid, raised before any forward, leaving no hook behind"
+    runs = []
+    h = tiny.register_forward_pre_hook(lambda mod, args: runs.append(1))
+    try:
+        with pytest.raises((TypeError, ValueError, IndexError, KeyError), match=message): call(tiny)
+    finally: h.remove()
+    assert runs == [], "the error came after a forward"
+    assert_no_hooks(tiny)

@@ -56,7 +56,8 @@ def test_heatmap_position_picker(offline, tmp_path, grid):
     assert after[6][3] == f"L1H2 · pos 3 ‘{XSS}’: {grid[1, 2, 3].item():.3g}"         # the token, as text
     assert page.get_attribute(".hs-patching", "data-pos") == "3" and page.inner_text(".hs-slice") == f"pos 3 ‘{XSS}’"
     vals = page.locator("text.hs-val").all_text_contents()
-    assert vals[6] == f"{grid[1, 2, 3].item():.2f}"
+    assert vals == [("" if abs(x) < 0.005 else f"{x:.2f}") for x in grid[..., 3].flatten().tolist()]   # redrawn; |x| < 0.005 blank
+    assert vals[6] == ""                                   # L1H2 is 0.0032: a blank cell, its value on hover (above)
 
     page.select_option("select.hs-pos", "0")
     c0 = page.evaluate(CELLS)[0]
@@ -186,3 +187,70 @@ def test_circuit_graph_in_voila(offline, allowed, refused, tmp_path):
         assert "5 of 11 edges" in view.locator(".hs-count").inner_text()                # ... redrawn through the kernel
         assert sorted(view.locator("g.hs-node").evaluate_all("ns => ns.map(n => n.dataset.name)")) == ["L0H1", "L1H2", "L2H0", "L3H1", "L3H3", "embed", "logits"]
         assert view.locator("script").count() == 0                                       # no script in the widget: Python drew it
+
+# -- every element brings its own colours (dark themes style pre, table, tr, q, ... directly) --------------
+from html.parser import HTMLParser
+
+class _Unstyled(HTMLParser):
+    "HTML elements (outside SVG and scripts) whose style lacks an explicit text colour or background"
+    SKIP = {"br", "script", "style"}
+    def __init__(self):
+        super().__init__(); self.svg, self.bad = 0, []
+    def handle_starttag(self, tag, attrs):
+        if tag == "svg": self.svg += 1
+        if self.svg or tag in self.SKIP: return
+        st = dict(attrs).get("style") or ""
+        if not (re.search(r"(^|;)\s*color\s*:", st) and "background" in st): self.bad.append(f"<{tag} style='{st}'>")
+    def handle_endtag(self, tag):
+        if tag == "svg": self.svg -= 1
+
+def unstyled(page:str)->list:
+    p = _Unstyled(); p.feed(page); return p.bad
+
+def test_every_element_has_its_own_colours(grid):
+    "No element of the causal views takes its text or background colour from the notebook's theme"
+    from headscope.models import tiny_model
+    from headscope.causal.metrics import logit_diff
+    from headscope.causal.patching import activation_patching
+    from headscope.causal.attribution import attribution_patching, edge_attribution_patching
+    from headscope.causal.paths import path_patching
+    from headscope.causal.lens import top_predictions, logit_lens
+    from headscope.causal.circuits import faithfulness_curve
+    from headscope.causal.dla import direct_logit_attribution
+    from headscope.views.causal import predictions_html, logit_lens_html, faithfulness_curve_html
+    from headscope.views.graph import path_patching_html
+    m = tiny_model("llama", n_layers=2, n_heads=4, seed=3, initializer_range=0.2)
+    g = torch.Generator().manual_seed(0)
+    clean, corrupt = torch.randint(3, 200, (2, 6), generator=g), torch.randint(3, 200, (2, 6), generator=g)
+    metric = lambda lg: logit_diff(lg, 5, 6)
+    act = activation_patching(m, clean, corrupt, metric, "z", -1, progress=False)
+    pages = {"heatmap": patching_heatmap_html(grid, tokens=TOKS, title="t"), "scatter": agreement_scatter_html(grid[..., 0], grid[..., 1], None, title="t"),
+             "graph": circuit_graph_html(EDGES, title="t"), "graph (widget)": circuit_graph_html(EDGES, title="t", interactive=False),
+             "activation": act._repr_html_(),
+             "attribution": attribution_patching(m, clean, corrupt, metric, "z", -1, exact=act, progress=False)._repr_html_(),
+             "paths": path_patching_html(path_patching(m, clean, corrupt, metric, "each", "logits", progress=False)),
+             "path groups": path_patching_html(path_patching(m, clean, corrupt, metric, [(0, 1), "MLP0"], "logits", progress=False)),
+             "eap": edge_attribution_patching(m, clean, corrupt, metric, progress=False)._repr_html_(),
+             "predictions": predictions_html(top_predictions(m, "<b>hi</b>", k=3)),
+             "lens": logit_lens_html(logit_lens(m, "<b>hi</b>", k=3, targets=["h"])),
+             "faithfulness": faithfulness_curve_html(faithfulness_curve(m, clean, metric, ["L1H0", "L0H2"], corrupt, progress=False)),
+             "dla": direct_logit_attribution(m, clean, 5, 6)._repr_html_()}
+    for name, page in pages.items(): assert unstyled(page) == [], name
+
+def test_cells_blank_tiny_values_and_titles_read_the_scores():
+    "No '-0.00' in a grid's cells (the tooltip keeps the value); a result's title names the metric and says 1 = clean, 0 = corrupted"
+    from headscope.models import tiny_model
+    from headscope.data.pairs import PromptPairs
+    from headscope.causal.patching import activation_patching
+    s = torch.tensor([[0.004, -0.0049, 0.3], [-0.001, -0.5, float("nan")]])
+    page = patching_heatmap_html(s)
+    assert re.findall(r"<text class='hs-val'[^>]*>([^<]*)</text>", page) == ["", "", "0.30", "", "-0.50", ""]
+    assert "<title>L0H1: -0.0049</title>" in page
+    m = tiny_model("llama", n_layers=2, n_heads=4, seed=3, initializer_range=0.2)
+    g = torch.Generator().manual_seed(0)
+    clean, corrupt = torch.randint(3, 200, (2, 6), generator=g), torch.randint(3, 200, (2, 6), generator=g)
+    pairs = PromptPairs(clean, corrupt, torch.tensor([5, 7]), torch.tensor([6, 8]))
+    res = activation_patching(m, pairs.clean, pairs.corrupt, pairs.logit_diff(), "z", -1, progress=False)
+    title = re.search(r"<div style='font-weight:bold[^>]*>([^<]*)</div>", res._repr_html_())[1]
+    assert title.startswith("Activation patching of z at pos=-1 · logit_diff: clean ") and title.endswith("score 1 = clean, 0 = corrupted")
+    assert "PatchingResult(" not in title

@@ -57,8 +57,8 @@ def test_card(offline, tmp_path):
     assert [bars.nth(i).get_attribute("data-count") for i in range(bars.count())] == ["5", "0", "2"]
     h = [bars.nth(i).bounding_box()["height"] for i in (0, 2)]
     assert h[0] == pytest.approx(2.5 * h[1], rel=0.02)             # heights in proportion to counts
-    assert page.locator(".hs-up .hs-ltok").all_text_contents() == [XSS, " The"]
-    assert page.locator(".hs-down .hs-ltok").all_text_contents() == [IMG, " cat"]
+    assert page.locator(".hs-up .hs-ltok").all_text_contents() == [XSS, "␣The"]          # a token list shows its spaces
+    assert page.locator(".hs-down .hs-ltok").all_text_contents() == [IMG.replace(" ", "␣"), "␣cat"]
     heads = page.locator(".hs-headbar")
     assert [heads.nth(i).inner_text().split()[0] for i in range(4)] == ["L3H0", "L3H1", "L3H2", "L3H3"]
     w = page.evaluate("[...document.querySelectorAll('.hs-headbar span:nth-child(2)')].map(s => s.getBoundingClientRect().width)")
@@ -169,6 +169,17 @@ def test_feature_effect(toy, mode, coeff):
     assert r["kl"] == pytest.approx(float((clean.exp() * (clean - new)).sum()), rel=1e-4)
     assert r["new"].argmax() != r["clean"].argmax()                  # big enough to change the top token
 
+def test_effect_of_inactive_feature():
+    "Ablating a feature that never fires on the prompt changes nothing: say so, list no +0 rises and falls"
+    from headscope.views.sae import effect_html
+    lp = torch.randn(len(VOCAB), generator=torch.Generator().manual_seed(0)).log_softmax(-1)
+    r = dict(f=3, mode="ablate", coeff=0., clean=lp, new=lp.clone(), kl=0., acts=torch.zeros(3), tokens=[" The", " cat", "."])
+    h = effect_html(r, Tok())
+    assert "feature inactive on this prompt" in h and "+0" not in h and "hs-rise" not in h and "hs-fall" not in h
+    assert "␣The" in h.split("hs-before")[1]                       # the clean list still shows, spaces visible
+    r2 = dict(r, acts=torch.tensor([0., 1.5, 0.]), new=lp + torch.linspace(-1, 1, len(VOCAB)), kl=0.3)
+    assert "hs-rise" in effect_html(r2, Tok()) and "inactive" not in effect_html(r2, Tok())
+
 def test_browser(toy):
     "Picker and slider stay in step; Ablate draws the effect of the picked feature; a new feature clears it"
     from headscope.sae.features import top_activations
@@ -184,6 +195,7 @@ def test_browser(toy):
     fb.feature.value = 4
     assert fb.slider.value == 1 and fb.result is None and "data-feature='4'" in fb.card.value
     with pytest.raises(KeyError, match="not tracked"): FeatureBrowser(m, sae, fa, f=0)
+    assert fb.slider.description == "Browse"                        # no unlabelled "#" slider
 
 # --- the live kernel ---------------------------------------------------------------------------------------------
 

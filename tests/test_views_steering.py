@@ -125,7 +125,7 @@ def test_steer_generate(toy, pos):
 def test_playground(toy):
     "The widget's controls: the layer slider spans the vector's layers, and moving coefficient or layer regenerates"
     m, sv = toy
-    pg = SteeringPlayground(m, {"random": sv, "<i>other</i>": SteeringVector({0: sv.vectors[1]})}, prompt="Hello there", max_new_tokens=6, coeff=0.0)
+    pg = SteeringPlayground(m, {"random": sv, "<i>other</i>": SteeringVector({0: sv.vectors[1]})}, prompt="Hello there", max_new_tokens=6, coeff=0.0, coeff_max=10.0)
     assert (pg.layer.min, pg.layer.max) == (1, 2) and pg.coeff.value == 0
     r0 = pg.result
     assert r0["steered_tokens"] == r0["unsteered_tokens"] and "data-differ='0'" in pg.view.value
@@ -137,6 +137,25 @@ def test_playground(toy):
     assert (pg.layer.min, pg.layer.max, pg.layer.value) == (0, 0, 0)
     assert pg.result["layer"] == 0 and "&lt;i&gt;other&lt;/i&gt;" in pg.view.value
 
+def test_playground_defaults_scale_with_the_residual_stream(toy):
+    """Left to itself, the playground opens at a quarter of ‖resid‖/‖v‖ (the residual norm from a plain HF forward, first
+    token left out), spans ±1 ratio, shows the ratio next to the slider, and hides the layer slider for a one-layer vector"""
+    m, sv = toy
+    with torch.no_grad(): hs = m(**to_inputs(m, "Hello there"), output_hidden_states=True).hidden_states
+    ratio = float(hs[2][0, 1:].norm(dim=-1).mean() / sv.vectors[1].norm())        # layer 1's output is hidden_states[2]
+    pg = SteeringPlayground(m, {"random": sv, "one layer": SteeringVector({1: sv.vectors[1] * 10})}, prompt="Hello there",
+                            max_new_tokens=6, layer=1)
+    assert abs(pg.ratio - ratio) < 1e-4 * ratio and 0.1 < pg.coeff.value / ratio < 1     # of the order of the ratio: a quarter
+    assert pg.coeff.max == -pg.coeff.min == pytest.approx(ratio, rel=1e-4)
+    assert f"‖resid‖/‖v‖ = {pg.ratio:.3g} at L1" in pg.ratio_note.value
+    assert pg.layer.layout.display is None and pg.result["steered_tokens"] != pg.result["unsteered_tokens"]   # two layers; it steers
+    pg.vector.value = "one layer"
+    assert pg.layer.layout.display == "none"                                       # nothing to choose
+    assert pg.ratio == pytest.approx(ratio / 10, rel=1e-4) and pg.coeff.value == pytest.approx(ratio / 40, rel=1e-4)
+    assert f"‖resid‖/‖v‖ = {pg.ratio:.3g} at L1" in pg.ratio_note.value
+    pg.coeff.value = 0.0                                                           # the ratio readout follows the coefficient
+    assert "coeff = 0 × ratio" in pg.ratio_note.value and pg.result["steered_tokens"] == pg.result["unsteered_tokens"]
+
 # --- the live kernel ---------------------------------------------------------------------------------------------
 
 NOTEBOOK = r'''
@@ -147,7 +166,7 @@ from headscope.widgets.steering import SteeringPlayground
 m = tiny_model("llama", n_layers=3, seed=0)
 g = torch.Generator().manual_seed(1)
 sv = SteeringVector({1: torch.randn(64, generator=g) * 4, 2: torch.randn(64, generator=g) * 4}, label="random")
-pg = SteeringPlayground(m, {"random": sv}, prompt="Hello there", max_new_tokens=8, coeff=0.0)
+pg = SteeringPlayground(m, {"random": sv}, prompt="Hello there", max_new_tokens=8, coeff=0.0, coeff_max=10.0)
 display(pg)
 '''
 

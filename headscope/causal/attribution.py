@@ -14,7 +14,7 @@ from ..hooking import hooks, forward
 from ..tokens import token_strs
 from ..cache import run_with_cache
 from ..results import ScoreGrid
-from .metrics import normalise, pair_inputs, agreement
+from .metrics import normalise, baseline_gap, pair_inputs, agreement, check_metric, metric_name
 from .patching import targets_for, _pos_axis, _head_axis
 
 # %% auto #0
@@ -46,11 +46,11 @@ def _tap(acts:dict, deltas:dict):
     return f
 
 def _grad_forward(model, x:dict, names:list, metric):
-    "The corrupted forward with a zero leaf at every hook in `names`: (mean metric with its graph, acts, deltas)"
+    "The corrupted forward with a zero leaf at every hook in `names`: (mean metric with its graph, acts, deltas, the metric per prompt `[batch]`)"
     acts, deltas = {}, {}
     with hooks(model, [(n, _tap(acts, deltas)) for n in names]):
-        m = metric(forward(model, x).logits[:, -1]).float().mean()
-    return m, acts, deltas
+        v = metric(forward(model, x).logits[:, -1]).float()
+    return v.mean(), acts, deltas, v.detach()
 
 # %% ../../nbs/22_causal.attribution.ipynb #8d9f9f97
 @dataclass
@@ -64,6 +64,7 @@ class AttributionResult(ScoreGrid):
     exact:Tensor|None = None      # exact normalised patching scores on the same grid, if given
     agreement:dict|None = None    # `agreement(scores, exact)`
     index:dict = field(default_factory=dict)    # {axis: real indices}, as in `PatchingResult`
+    metric:str = ""                             # the metric's name, for titles
 
     def __repr__(self):
         s = (f"AttributionResult({self.kind}, pos={self.pos!r}, [{' '.join(self.axes)}] = {list(self.scores.shape)}, "
@@ -93,9 +94,10 @@ def attribution_patching(model:nn.Module,
     ts, shape, axes, index = targets_for(model, kind, n_pos, pos, layers)
     names = sorted({t.name for t in ts})
     cc = run_with_cache(model, xc, names=names)                       # forward 1: clean, no graph
-    with torch.no_grad(): m_clean = float(metric(cc.logits[:, -1]).float().mean())
+    with torch.no_grad(): mc = check_metric(metric, cc.logits[:, -1], "Attribution patching").float()   # [batch], checked first
+    m_clean = float(mc.mean())
     with frozen_params(model), torch.enable_grad():
-        m, acts, deltas = _grad_forward(model, xk, names, metric)    # forward 2: corrupted, graph from activations only
+        m, acts, deltas, mk = _grad_forward(model, xk, names, metric)    # forward 2: corrupted, graph from activations only
         grads = torch.autograd.grad(m, [deltas[n] for n in names], allow_unused=True)   # the one backward
     pts = hook_points(model)
     per = {}
@@ -113,7 +115,8 @@ def attribution_patching(model:nn.Module,
     raw = (m_corrupt + delta).view(shape)
     tok = getattr(model, "tokenizer", None)
     toks = token_strs(tok, xc["input_ids"][0]) if tok is not None else []
-    res = AttributionResult(normalise(raw, m_clean, m_corrupt), raw, m_clean, m_corrupt, axes, kind, pos, toks, index=index)
+    res = AttributionResult(normalise(raw, mc, mk, "Attribution patching"), raw, m_clean, m_corrupt, axes, kind, pos, toks,
+                            index=index, metric=metric_name(metric))
     if exact is not None:
         ex = (exact.scores if hasattr(exact, "scores") else torch.as_tensor(exact)).detach().float().cpu()
         if ex.shape != res.scores.shape: raise ValueError(f"`exact` has shape {list(ex.shape)} but the grid is {list(res.scores.shape)} [{' '.join(axes)}].")
@@ -149,9 +152,12 @@ class EdgeScores:
     valid:Tensor                  # [src dst] bool: src is upstream of dst
     clean:float; corrupt:float    # metric baselines (means over pairs)
     parts:dict = field(default_factory=dict)   # {"q"|"k"|"v": [src dst]} the head receivers' scores by input
+    metric:str = ""                            # the metric's name, for titles
 
     def edges(self, k:int|None=None, threshold:float|None=None)->list:
         "`[(src, dst, score)]` sorted by |score|; the `k` largest and/or those with |score| >= `threshold`"
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"k={k!r}: give a positive number of edges (or None for all {int(self.valid.sum())}).")
         s = self.scores.masked_fill(~self.valid, float("nan"))
         i, j = self.valid.nonzero(as_tuple=True)
         v = s[i, j]
@@ -170,7 +176,9 @@ class EdgeScores:
     def _repr_html_(self):
         "The circuit graph of the strongest edges (threshold: a share of the largest |score|), nodes coloured by `node_scores`"
         from headscope.views.graph import circuit_graph_html
-        return circuit_graph_html(self.edges(k=60), title=repr(self), node_scores=self.node_scores())
+        t = (f"Edge attribution patching · {self.metric or 'metric'}: clean {self.clean:.3g}, corrupted {self.corrupt:.3g} · "
+             "score 1 = the edge restores the whole clean − corrupted difference, 0 = nothing (linear estimate)")
+        return circuit_graph_html(self.edges(k=60), title=t, node_scores=self.node_scores())
 
     def __repr__(self):
         top = self.edges(3)
@@ -198,12 +206,13 @@ def edge_attribution_patching(model:nn.Module,
     ix = {n: i for i, n in enumerate(nodes)}
     nm = lambda l, s: f"blocks.{l}.{s}"
     cc = run_with_cache(model, xc, names=[nm(0, "hook_resid_pre")] + [nm(l, s) for l in range(L) for s in ("attn.hook_z", "hook_mlp_out")])
-    with torch.no_grad(): m_clean = float(metric(cc.logits[:, -1]).float().mean())
+    with torch.no_grad(): mc = check_metric(metric, cc.logits[:, -1], "Edge attribution patching").float()   # [batch], checked first
+    m_clean = float(mc.mean())
     sites = ("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_pattern", "attn.hook_z", "hook_resid_mid", "hook_mlp_out")
     raw = {p: torch.zeros(N, N) for p in ("q", "k", "v", "resid")}
     eye = torch.eye(H)
     with frozen_params(model), torch.enable_grad():
-        m, acts, deltas = _grad_forward(model, xk, [nm(l, s) for l in range(L) for s in sites], metric)
+        m, acts, deltas, mk = _grad_forward(model, xk, [nm(l, s) for l in range(L) for s in sites], metric)
         want = [nm(l, s) for l in range(L) for s in ("attn.hook_q", "attn.hook_pattern", "attn.hook_z", "hook_mlp_out")]
         G = dict(zip(want, torch.autograd.grad(m, [deltas[n] for n in want], retain_graph=True)))   # the one backward
         with torch.no_grad():   # what each node writes, clean minus corrupted: D [node batch pos d_model]
@@ -231,7 +240,7 @@ def edge_attribution_patching(model:nn.Module,
             raw["resid"][:, ix[f"MLP{l}"]] = score(g_mlp[None])[:, 0]
         raw["resid"][:, ix["logits"]] = score(G[nm(L - 1, "hook_mlp_out")][None])[:, 0]   # ∂m/∂mlp_out = ∂m/∂final resid
     m_corrupt = float(m.detach())
-    den = m_clean - m_corrupt
+    den = baseline_gap(mc, mk, "Edge attribution patching")                              # NaN, with a warning, when it is noise
     parts = {p: (raw[p] * valid) / den for p in ("q", "k", "v")}
     total = (sum(raw.values()) * valid) / den
-    return EdgeScores(total, nodes, valid, m_clean, m_corrupt, parts)
+    return EdgeScores(total, nodes, valid, m_clean, m_corrupt, parts, metric_name(metric))

@@ -127,6 +127,7 @@ def rank_heads(scores,                  # [layer head] tensor, or a grid result 
                absolute:bool=False,     # rank by |score|
               )->list:                  # ["L{l}H{h}"], best first
     "Heads ordered by score; a result's own names (its real layers and heads) are kept"
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1): raise ValueError(f"k={k!r}: keep a positive number of heads, or None for all.")
     if isinstance(scores, ScoreGrid): return [t.name for t in scores.top(k or scores.grid().numel(), absolute=absolute)]
     s = scores.abs() if absolute else scores
     H = s.shape[1]

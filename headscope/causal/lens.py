@@ -47,12 +47,20 @@ class Predictions:
         return predictions_html(self)
 
 # %% ../../nbs/26_causal.lens.ipynb #6c845be7
+def _check_k(model:nn.Module, k, what:str="k")->int:
+    "`k`, checked to be a number of top tokens: an integer from 1 to the vocabulary size (before any forward)"
+    n = model_dims(model).d_vocab
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"{what}={k!r} is not a number of top tokens: give an integer from 1 to the vocabulary size, {n}.")
+    return k
+
 def top_predictions(model:nn.Module,
                     inputs,        # a prompt, a list of prompts, token ids `[batch pos]`, tokenizer output, or an `ActivationCache`
                     k:int=10,      # how many tokens to keep
                     pos:int=-1,    # predict the token after this position (counted among real tokens)
                    )->Predictions:
     "The `k` most likely next tokens after position `pos` of each prompt"
+    _check_k(model, k)
     if isinstance(inputs, ActivationCache): x, logits = inputs.inputs, inputs.logits
     else:
         x = to_inputs(model, inputs)
@@ -135,6 +143,7 @@ def logit_lens(model:nn.Module,
               )->LogitLens:
     "Decode the residual stream at every layer boundary with the model's final norm and unembedding"
     L, tok = model_dims(model).n_layers, model.tokenizer
+    _check_k(model, k)
     if isinstance(inputs, ActivationCache): cache, x = inputs, inputs.inputs
     else: x = to_inputs(model, inputs)
     if x["input_ids"].shape[0] != 1: raise ValueError("logit_lens reads one prompt; loop over prompts for a batch.")

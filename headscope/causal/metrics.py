@@ -4,12 +4,14 @@
 
 # %% ../../nbs/20_causal.metrics.ipynb #18dcbb47
 from __future__ import annotations
+import sys, warnings
 import torch
 from torch import nn, Tensor
 from ..tokens import to_inputs
 
 # %% auto #0
-__all__ = ['logit_diff', 'answer_prob', 'answer_loss', 'kl_div', 'normalise', 'pair_inputs', 'agreement']
+__all__ = ['BASELINE_ATOL', 'BASELINE_RTOL', 'logit_diff', 'answer_prob', 'answer_loss', 'kl_div', 'metric_name', 'check_metric',
+           'baseline_gap', 'normalise', 'pair_inputs', 'agreement']
 
 # %% ../../nbs/20_causal.metrics.ipynb #ce2842ff
 def _ids(x, n:int, device=None)->Tensor:
@@ -42,9 +44,63 @@ def kl_div(logits:Tensor, ref_logits:Tensor)->Tensor:
     if lp.shape[0] != lq.shape[0]: lp = lp.repeat_interleave(lq.shape[0] // lp.shape[0], 0)
     return (lp.exp() * (lp - lq)).sum(-1)
 
-def normalise(m, m_clean, m_corrupt):
-    "`(m - m_corrupt) / (m_clean - m_corrupt)`: 0 = corrupted behaviour, 1 = clean behaviour"
-    return (m - m_corrupt) / (m_clean - m_corrupt)
+# %% ../../nbs/20_causal.metrics.ipynb #0a9a3810
+def metric_name(metric)->str:
+    "A metric's name for titles: its function name (`functools.partial`: the wrapped one), 'metric' for a lambda"
+    n = getattr(metric, "__name__", None) or getattr(getattr(metric, "func", None), "__name__", None) or type(metric).__name__
+    return "metric" if n == "<lambda>" else n
+
+def check_metric(metric,                # fn(final logits `[batch d_vocab]`) -> `[batch]`
+                 logits:Tensor,         # [batch d_vocab] the clean run's final-position logits
+                 what:str="Patching",   # the analysis, named in the error
+                )->Tensor:              # [batch] the clean baseline per prompt
+    "`metric(logits)`, checked to be a tensor of one value per prompt `[batch]`"
+    v, n = metric(logits), logits.shape[0]
+    want = f"a tensor of shape [batch] = [{n}], one value per prompt (e.g. `logit_diff(logits, correct, wrong)`)"
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{what}: the metric must return {want}; it returned a {type(v).__name__} ({v!r}). Do not call .item() or float().")
+    if tuple(v.shape) != (n,):
+        hint = ": a scalar (did it average over the batch? return the per-prompt values)" if v.ndim == 0 else ""
+        raise ValueError(f"{what}: the metric must return {want}; it returned shape {list(v.shape)}{hint}.")
+    return v.float()
+
+# %% ../../nbs/20_causal.metrics.ipynb #8d87487b
+BASELINE_ATOL, BASELINE_RTOL = 1e-4, 1e-4     # |m_clean - m_corrupt| <= atol + rtol·max(|m_clean|, |m_corrupt|): noise
+
+def _warn(msg:str):
+    "A RuntimeWarning at the first caller outside headscope (every call of an analysis is then reported)"
+    f, n = sys._getframe(0), 1
+    while f is not None and f.f_globals.get("__name__", "").startswith("headscope"): f, n = f.f_back, n + 1
+    warnings.warn(msg, RuntimeWarning, stacklevel=n)
+
+def baseline_gap(m_clean,                # the clean baseline: a number or per prompt `[batch]`
+                 m_corrupt,              # the corrupted baseline, the same way
+                 what:str="Patching",    # the analysis, named in the warning
+                )->float:                # mean(m_clean) - mean(m_corrupt), or NaN when that is noise
+    "The denominator of every normalised score; NaN (with a warning) when the baselines nearly coincide"
+    c = torch.as_tensor(m_clean).detach().double().cpu().reshape(-1)
+    k = torch.as_tensor(m_corrupt).detach().double().cpu().reshape(-1)
+    tol = lambda a, b: BASELINE_ATOL + BASELINE_RTOL * torch.maximum(a.abs(), b.abs())
+    mc, mk = c.mean(), k.mean()
+    if (mc - mk).abs() <= tol(mc, mk):
+        _warn(f"{what}: the clean and corrupted baselines nearly coincide (clean {float(mc):.6g}, corrupted {float(mk):.6g}, "
+              f"difference {float(mc - mk):.2g}): normalised scores would be noise divided by almost nothing, so they are NaN "
+              f"(the raw metric is kept). Pick corrupted prompts that change the metric (e.g. check `pairs.evaluate(model)`).")
+        return float("nan")
+    if len(c) == len(k) > 1:
+        bad = ((c - k).abs() <= tol(c, k)).nonzero().flatten().tolist()
+        if bad: _warn(f"{what}: {len(bad)} of {len(c)} prompt pairs have (nearly) the same clean and corrupted metric "
+                      f"(rows {bad[:10]}{' ...' if len(bad) > 10 else ''}): they carry no behaviour to restore and dilute "
+                      f"the normalised scores. Drop them or pick other corruptions.")
+    return float(mc - mk)
+
+def normalise(m,                      # the metric with a patch (any shape)
+              m_clean,                # the clean baseline: a number or per prompt `[batch]`
+              m_corrupt,              # the corrupted baseline, the same way
+              what:str="Patching",    # the analysis, named in a warning
+             ):
+    "`(m - m_corrupt) / (m_clean - m_corrupt)` on the mean baselines: 0 = corrupted behaviour, 1 = clean behaviour; NaN when they nearly coincide"
+    return (m - float(torch.as_tensor(m_corrupt).double().mean())) / baseline_gap(m_clean, m_corrupt, what)
 
 # %% ../../nbs/20_causal.metrics.ipynb #1a42448e
 def pair_inputs(model:nn.Module,
@@ -85,6 +141,7 @@ def agreement(approx,        # estimated scores: a tensor (any shape) or a resul
     a = (approx.scores if hasattr(approx, "scores") else torch.as_tensor(approx)).detach().flatten().double().cpu()
     e = (exact.scores if hasattr(exact, "scores") else torch.as_tensor(exact)).detach().flatten().double().cpu()
     if a.shape != e.shape: raise ValueError(f"The grids differ: {a.numel()} against {e.numel()} cells (same kind, pos and layers?).")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1: raise ValueError(f"k={k!r}: the top-k sets need a positive integer k (at most the {a.numel()} cells are compared).")
     ok = a.isfinite() & e.isfinite()
     a, e = a[ok], e[ok]
     k = min(k, len(a))

@@ -4,17 +4,17 @@
 
 # %% ../../nbs/21_causal.patching.ipynb #c0742c86
 from __future__ import annotations
-import copy
+import copy, inspect
 from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
 from tqdm.auto import tqdm
 from ..arch import model_dims, hook_points, check_layers
-from ..hooking import hooks, forward, _keep_last
+from ..hooking import hooks, forward, _keep_last, kv_cache_name, kv_cache_of
 from ..tokens import token_strs
 from ..cache import run_with_cache
 from ..results import ScoreGrid
-from .metrics import normalise, pair_inputs
+from .metrics import normalise, pair_inputs, check_metric, metric_name
 
 # %% auto #0
 __all__ = ['KINDS', 'HEAD_KINDS', 'Target', 'targets_for', 'PatchingResult', 'activation_patching']
@@ -76,6 +76,8 @@ def _restorer(group:list, clean:Tensor, K:int, n_pos:int):
 
 def _last_logits(out)->Tensor: return out.logits[:, -1]
 
+_cache_kw, _out_cache = kv_cache_name, kv_cache_of   # the KV cache's current name (transformers 5) or the old one
+
 def _patched_logits(model, corrupt:dict, clean_acts:dict, chunk:list, n_pos:int, past=None)->Tensor:
     "Final-position logits `[B·K d_vocab]` of the corrupted prompts with the targets in `chunk` restored"
     K = len(chunk)
@@ -89,7 +91,7 @@ def _patched_logits(model, corrupt:dict, clean_acts:dict, chunk:list, n_pos:int,
         cache = copy.deepcopy(past)
         cache.batch_repeat_interleave(K)
         last = corrupt["input_ids"][:, -1:].repeat_interleave(K, 0)
-        return _last_logits(model(input_ids=last, past_key_values=cache, use_cache=True))
+        return _last_logits(model(input_ids=last, use_cache=True, **{_cache_kw(model): cache}))
 
 # %% ../../nbs/21_causal.patching.ipynb #f6c71ab8
 @dataclass
@@ -101,6 +103,7 @@ class PatchingResult(ScoreGrid):
     axes:list; kind:str; pos:object
     tokens:list = field(default_factory=list)   # [pos] of the first clean prompt
     index:dict = field(default_factory=dict)    # {axis: real indices}, e.g. {"layer": [20, 21], "head": [0, ..]}
+    metric:str = ""                             # the metric's name, for titles
 
     def __repr__(self):
         return (f"PatchingResult({self.kind}, pos={self.pos!r}, [{' '.join(self.axes)}] = {list(self.scores.shape)}, "
@@ -108,8 +111,8 @@ class PatchingResult(ScoreGrid):
 
     def _repr_html_(self):
         "A heatmap with token labels (a position picker for `[layer head pos]` grids), drawn by `headscope.views.patching`"
-        from headscope.views.patching import patching_heatmap_html
-        return patching_heatmap_html(self, title=repr(self))
+        from headscope.views.patching import patching_heatmap_html, score_title
+        return patching_heatmap_html(self, title=score_title(self, f"Activation patching of {self.kind}" + ("" if self.pos == "each" else f" at pos={self.pos!r}")))
 
 # %% ../../nbs/21_causal.patching.ipynb #84c0ef15
 def activation_patching(model:nn.Module,
@@ -131,13 +134,13 @@ def activation_patching(model:nn.Module,
     cc = run_with_cache(model, xc, names=names)               # the clean activations and the clean baseline, one forward
     last_only = all(t.pos == n_pos - 1 for t in ts) and reuse_prefix and n_pos > 1
     with torch.no_grad():
-        m_clean = metric(cc.logits[:, -1]).mean()
+        m_clean = check_metric(metric, cc.logits[:, -1], "Patching")   # [batch], checked before any patched run
         if last_only:                                         # one corrupted forward: its baseline and its prefix's KV cache
             out = model(input_ids=xk["input_ids"], use_cache=True, **_keep_last(model))
-            past = out.past_key_values
+            past = _out_cache(out)
             past.crop(-1)                                     # drop the final token (negative: works on transformers 4.56 and 5)
         else: out, past = forward(model, xk, **_keep_last(model)), None
-        m_corrupt = metric(_last_logits(out)).mean()
+        m_corrupt = metric(_last_logits(out))
     xk_in = {"input_ids": xk["input_ids"]}
     raw = torch.empty(len(ts))
     bar = tqdm(total=len(ts), desc=f"patching {kind}", disable=not progress, leave=False)
@@ -150,4 +153,5 @@ def activation_patching(model:nn.Module,
     raw = raw.view(shape)
     tok = getattr(model, "tokenizer", None)
     toks = token_strs(tok, xc["input_ids"][0]) if tok is not None else []
-    return PatchingResult(normalise(raw, float(m_clean), float(m_corrupt)), raw, float(m_clean), float(m_corrupt), axes, kind, pos, toks, index)
+    return PatchingResult(normalise(raw, m_clean, m_corrupt, "Patching"), raw, float(m_clean.mean()), float(m_corrupt.mean()),
+                          axes, kind, pos, toks, index, metric_name(metric))

@@ -13,7 +13,8 @@ from ..arch import model_dims, check_layers, check_head
 from ..hooking import run_until
 from ..cache import run_with_cache
 from ..results import ScoreGrid, Top
-from .metrics import pair_inputs
+from .metrics import pair_inputs, baseline_gap, check_metric, metric_name
+from .patching import _cache_kw, _out_cache
 
 # %% auto #0
 __all__ = ['VIAS', 'node_name', 'PathPatchingResult', 'path_patching']
@@ -130,7 +131,7 @@ def _run(model, x:dict, K:int, past, fns:list, stop_after:str|None=None):
     else:
         cache = copy.deepcopy(past)
         cache.batch_repeat_interleave(K)
-        xr = {"input_ids": x["input_ids"][:, -1:].repeat_interleave(K, 0), "past_key_values": cache}
+        xr = {"input_ids": x["input_ids"][:, -1:].repeat_interleave(K, 0), _cache_kw(model): cache}
     with torch.no_grad(): out = run_until(model, xr, fns, stop_after=stop_after)
     return None if out is None else out.logits[:, -1]
 
@@ -158,7 +159,7 @@ def _path_chunk(model, x:dict, cc:dict, ck:dict, chunk:list, rec:list, via:str, 
 # %% ../../nbs/23_causal.paths.ipynb #3ddba811
 @dataclass
 class PathPatchingResult(ScoreGrid):
-    "Path-patching scores (patched - clean)/(clean - corrupt): 0 = the path carries nothing, -1 = all of the clean-vs-corrupt difference"
+    "Path-patching scores (clean - patched)/(clean - corrupt), signed as in activation patching: 1 = the path carries all of the clean-vs-corrupt difference, 0 = nothing, negative = it opposes the behaviour"
     scores:Tensor                 # normalised; `[layer head]` for senders="each" (NaN: not upstream), else `[sender]`
     raw:Tensor                    # the metric with each path patched, mean over prompt pairs (same shape)
     clean:float; corrupt:float    # metric baselines (means over pairs)
@@ -168,6 +169,7 @@ class PathPatchingResult(ScoreGrid):
     pos:object = None             # where the receivers' inputs were patched (None: every position)
     freeze_mlps:bool = False
     index:dict = field(default_factory=dict)    # `[layer head]` grids: {"layer": real layers, "head": [...]}
+    metric:str = ""                             # the metric's name, for titles
 
     @property
     def axes(self)->tuple: return ("layer", "head") if self.scores.ndim == 2 else ("sender",)
@@ -176,13 +178,13 @@ class PathPatchingResult(ScoreGrid):
 
     def _flat(self): return [(n, float(s)) for n, s in zip(self.senders, self.scores.flatten()) if not math.isnan(float(s))]
 
-    def top(self, k:int=5, by:str|None=None, largest:bool=True, absolute:bool|None=None)->list[Top]:
-        "The `k` strongest paths as `[Top(name, score, index)]`, by |score| unless `absolute=False`; `by='abs'|'neg'|'pos'` (before the re-cut) still reads"
+    def top(self, k:int=5, by:str|None=None, largest:bool=True, absolute:bool=False)->list[Top]:
+        "The `k` paths that carry the behaviour most, largest score first like every result (`largest=False`: those that oppose it most; `absolute`: by |score|); `by='abs'|'neg'|'pos'` (before the re-cut) still reads, by the sign of the score"
         if by is not None:
             old = {"abs": (True, True), "neg": (False, False), "pos": (True, False)}    # -> (largest, absolute)
             if by not in old: raise ValueError(f"Unknown by={by!r}; choose one of {list(old)}.")
             largest, absolute = old[by]
-        return ScoreGrid.top(self, k, None, largest, True if absolute is None else absolute)
+        return ScoreGrid.top(self, k, None, largest, absolute)
 
     def edges(self, threshold:float=0.)->list:
         "Circuit-graph edges `[(src, dst, score)]` with |score| >= `threshold`, strongest first; node names 'L{l}H{h}', 'MLP{l}', 'logits'. A group's joint score is repeated on each member's edge"
@@ -191,7 +193,7 @@ class PathPatchingResult(ScoreGrid):
 
     def __repr__(self):
         shape = f"[layer head] = {list(self.scores.shape)}" if self.scores.ndim == 2 else f"{self.scores.numel()} senders"
-        best = self.top(1, "neg")
+        best = self.top(1)
         b = f", strongest {best[0].name} {best[0].score:.3f}" if best else ""
         return (f"PathPatchingResult({shape} -> {'+'.join(self.receivers)} via {self.via}, clean {self.clean:.3f}, "
                 f"corrupt {self.corrupt:.3f}{b})")
@@ -226,11 +228,13 @@ def path_patching(model:nn.Module,
         pos = pos % n_pos
     cache_names = [f"blocks.{l}.{s}" for l in range(L) for s in ("attn.hook_z", "hook_mlp_out")]
     cc, ck = run_with_cache(model, xc, names=cache_names), run_with_cache(model, xk, names=cache_names)   # step 1
-    m_clean, m_corrupt = float(metric(cc.logits[:, -1]).mean()), float(metric(ck.logits[:, -1]).mean())
+    mc = check_metric(metric, cc.logits[:, -1], "Path patching")           # [batch], checked before any patched run
+    mk = metric(ck.logits[:, -1])
+    m_clean, m_corrupt = float(mc.mean()), float(mk.mean())
     last_only = (rec == ["logits"] or pos == n_pos - 1) and reuse_prefix and n_pos > 1
     past = None
     if last_only:
-        with torch.no_grad(): past = model(input_ids=xc["input_ids"][:, :-1], use_cache=True).past_key_values
+        with torch.no_grad(): past = _out_cache(model(input_ids=xc["input_ids"][:, :-1], use_cache=True))
     x = {"input_ids": xc["input_ids"]}
     raw = torch.empty(len(groups))
     bar = tqdm(total=len(groups), desc=f"path patching -> {'+'.join(node_name(r) if r != 'logits' else r for r in rec)}",
@@ -248,6 +252,6 @@ def path_patching(model:nn.Module,
         full = torch.full((len(rows), H), float("nan"))
         for g, r in zip(groups, raw): full[row[g[0][1]], g[0][2]] = r
         raw, names, index = full, [f"L{l}H{h}" for l in rows for h in range(H)], {"layer": rows, "head": list(range(H))}
-    scores = (raw - m_clean) / (m_clean - m_corrupt)
+    scores = (m_clean - raw) / baseline_gap(mc, mk, "Path patching")        # carries the behaviour: positive, as in activation patching
     return PathPatchingResult(scores, raw, m_clean, m_corrupt, names, [r if r == "logits" else node_name(r) for r in rec],
-                              via, pos, freeze_mlps, index)
+                              via, pos, freeze_mlps, index, metric_name(metric))

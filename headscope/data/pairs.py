@@ -31,6 +31,7 @@ class PromptPairs:
         def f(lg):
             k = lg.shape[0] // len(self)
             return logit_diff(lg, self.correct.repeat_interleave(k).to(lg.device), self.wrong.repeat_interleave(k).to(lg.device))
+        f.__name__ = f.__qualname__ = "logit_diff"                      # what patching titles call it
         return f
     def evaluate(self, model:nn.Module, batch_size:int=32)->dict:
         "The model's clean behaviour: top-1 accuracy, share with logit difference > 0, mean logit difference and answer probability (clean and corrupted)"

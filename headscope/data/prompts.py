@@ -223,6 +223,10 @@ class LabelledPrompts:
     name:str = ""
     paired:bool = False # prompts[2i] and prompts[2i+1] are a matched (class 1, class 0) pair
 
+    def __post_init__(self):
+        self.labels = torch.as_tensor(self.labels)
+        if self.labels.ndim != 1 or len(self.labels) != len(self.prompts):
+            raise ValueError(f"Give one label per prompt: {len(self.prompts)} prompts, labels of shape {tuple(self.labels.shape)}.")
     def __len__(self): return len(self.prompts)
     def __repr__(self):
         n = ", ".join(f"{c}: {int((self.labels == i).sum())}" for i, c in enumerate(self.classes))
@@ -268,6 +272,7 @@ def labelled_prompts(name:str,            # one of `DATASETS`: 'sentiment', 'emo
                     )->LabelledPrompts:
     "A labelled prompt set shipped with headscope"
     if name not in DATASETS: raise ValueError(f"Unknown dataset {name!r}. Valid names: {', '.join(DATASETS)}.")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2): raise ValueError(f"n must be None (all) or an int >= 2, not {n!r}.")
     ps, ys, classes, paired = DATASETS[name]()
     lp = LabelledPrompts(ps, torch.tensor(ys), classes, name, paired)
     if n is None or n >= len(lp): return lp

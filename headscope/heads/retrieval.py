@@ -9,7 +9,7 @@ import torch
 from torch import nn, Tensor
 from tqdm.auto import tqdm
 from ..arch import model_dims
-from ..hooking import hooks
+from ..hooking import hooks, kv_cache_name, kv_cache_of
 from ..data.needles import needle_tasks
 from .stats import attention_stats, max_positions
 
@@ -30,12 +30,12 @@ def _greedy(model, ids:Tensor, steps:int, on_step=None, fwd_hooks=())->list[int]
     with torch.no_grad(), hooks(model, fwd_hooks, observe={l: obs(l) for l in range(L)} if on_step else None):
         for s in range(steps):
             cur.clear()
-            o = model(input_ids=x, past_key_values=past, use_cache=True)
+            o = model(input_ids=x, use_cache=True, **({kv_cache_name(model): past} if past is not None else {}))
             nxt = int(o.logits[0, -1].argmax())
             out.append(nxt)
             if on_step is not None:
                 for l in range(L): on_step(l, cur[l], nxt)
-            past, x = o.past_key_values, torch.tensor([[nxt]], device=model.device)
+            past, x = kv_cache_of(o), torch.tensor([[nxt]], device=model.device)
     return out
 
 # %% ../../nbs/12_heads.retrieval.ipynb #d804261c

@@ -94,7 +94,11 @@ def collect_activations(model:nn.Module,
     if hasattr(prompts, "prompts") and hasattr(prompts, "labels"): prompts = prompts.prompts   # a LabelledPrompts
     if isinstance(prompts, str): prompts = [prompts]
     prompts = list(prompts)
-    if not prompts: raise ValueError("No prompts given.")
+    if not prompts: raise ValueError("No prompts given: pass a list of prompt strings (or a LabelledPrompts).")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad: raise TypeError(f"Prompts must be strings; prompt {bad[0]} is {prompts[bad[0]]!r} ({type(prompts[bad[0]]).__name__}).")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, not {batch_size!r}.")
     names = _hook_names(model, hooks, layers)
     tok = getattr(model, "tokenizer", None)
     if tok is None: raise ValueError("collect_activations needs `model.tokenizer` (headscope's loaders attach it).")
@@ -102,7 +106,11 @@ def collect_activations(model:nn.Module,
     elif isinstance(pos, int) and not isinstance(pos, bool): rows = torch.full((len(prompts),), pos)
     elif pos == "mean": rows = None
     else: raise TypeError(f"pos must be an int, 'mean' or a marker string, not {pos!r}.")
-    n_tok = max(len(tok(p)["input_ids"]) for p in prompts)
+    lens = torch.tensor([len(tok(p)["input_ids"]) for p in prompts])
+    if rows is not None and ((rows >= lens) | (rows < -lens)).any():      # before any forward, not midway through the batches
+        b = int(((rows >= lens) | (rows < -lens)).nonzero()[0, 0])
+        raise IndexError(f"Position {int(rows[b])} is out of range for prompt {b} of {int(lens[b])} tokens.")
+    n_tok = int(lens.max())
     est = estimate_cache(model, (min(batch_size, len(prompts)), n_tok), names, dtype=torch.float32)
     out, got = {}, {}
     def keep(name):

@@ -12,6 +12,7 @@ from ..arch import check_layers
 from ..tokens import to_inputs, pos_index, single_token_id
 from ..hooking import hooks, forward
 from .activations import collect_activations
+from .steering import _number
 
 # %% auto #0
 __all__ = ['kmeans', 'last_acts', 'prompt_diffs', 'GACT', 'gact_fit', 'steer_eval']
@@ -145,7 +146,7 @@ class GACT:
               trace:list|None=None, # if given, receives `(layer, chosen cluster [batch])` at every forward
              ):
         "Context manager: in every forward, each layer's probe picks a direction per prompt, added at its real tokens"
-        layers = self.layers if layers is None else _layers(model, layers)
+        layers, coeff = self.layers if layers is None else _layers(model, layers), _number(coeff)
         for l in layers: self._idx(l)
         with hooks(model, [(_resid(l, self.kind), self._hook(l, coeff, hard, trace=trace)) for l in layers]) as h:
             yield h
@@ -198,12 +199,14 @@ def gact_fit(model:nn.Module,
             )->GACT:
     "Fit G-ACT: cluster per-prompt concept differences into directions per layer, fit a probe per layer, refine the probes by gradient"
     from tqdm.auto import tqdm
+    cp = _concept_prompts(prompts, concept)                                            # every check before the first forward
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    layers, target = _layers(model, layers), _target_id(model, target)
+    layers, target, coeff = _layers(model, layers), _target_id(model, target), _number(coeff)
     if kind not in ("resid_pre", "resid_mid", "resid_post"): raise ValueError(f"kind={kind!r}: choose one of 'resid_pre', 'resid_mid', 'resid_post'.")
-    if not 1 <= n_clusters <= len(prompts): raise ValueError(f"n_clusters={n_clusters} needs 1 <= n_clusters <= {len(prompts)} (the number of prompts).")
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or not 1 <= n_clusters <= len(prompts):
+        raise ValueError(f"n_clusters={n_clusters!r} needs an int with 1 <= n_clusters <= {len(prompts)} (the number of prompts).")
     acts = last_acts(model, prompts, layers, kind)                                     # [layer batch d_model]
-    diffs = last_acts(model, _concept_prompts(prompts, concept), layers, kind) - acts
+    diffs = last_acts(model, cp, layers, kind) - acts
     dirs, norms, sizes, labels, Ws, bs, mus, sds = [], [], [], [], [], [], [], []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -109,6 +109,24 @@ class ProbeResult(ScoreGrid):
         return probe_result_html(self)
 
 # %% ../../nbs/32_probes.probing.ipynb #c00c5f30
+def _class_ids(labels, N:int)->Tensor:
+    "Labels `[batch]` as int64 class ids, or a clear error: a float label is never silently truncated"
+    if isinstance(labels, str) or (isinstance(labels, (list, tuple)) and any(isinstance(v, str) for v in labels)):
+        raise TypeError("Labels must be integer class ids 0..K-1, not strings: map the names to ids first (a LabelledPrompts carries both).")
+    try: y = torch.as_tensor(labels).cpu()
+    except (TypeError, ValueError, RuntimeError): raise TypeError(f"Labels must be integer class ids 0..K-1, not a {type(labels).__name__}.") from None
+    if y.ndim != 1: raise ValueError(f"Labels must be one class id per prompt, shape [batch]; got shape {tuple(y.shape)}.")
+    if y.is_floating_point() or y.is_complex():
+        frac = ~(y == y.real.round()) if y.is_complex() else ~(y == y.round())     # NaN counts as not whole
+        if frac.any():
+            i = int(frac.nonzero()[0, 0])
+            raise ValueError(f"Labels must be integer class ids 0..K-1; label {i} is {y[i].item()}, which would be truncated. "
+                             "Round or bin the values into classes first (a probe classifies; it does not regress).")
+    y = y.real.long() if y.is_complex() else y.long()
+    if len(y) != N: raise ValueError(f"There are {len(y)} labels for {N} activations (the batch axis of acts is dim 1).")
+    if len(y) and y.min() < 0: raise ValueError(f"Labels must be class ids 0..K-1; got {int(y.min())}.")
+    return y
+
 def train_probes(acts,                      # [layer batch d_model], [layer batch head d_head], or an `Activations`
                  labels,                    # [batch] int class ids (or a `LabelledPrompts`)
                  kind:str="logreg",         # 'logreg' or 'diff_means'
@@ -126,12 +144,17 @@ def train_probes(acts,                      # [layer batch d_model], [layer batc
     if isinstance(acts, Activations): layers, acts = acts.layers, acts.acts   # name rows by the model layers they were read at
     if isinstance(labels, LabelledPrompts): classes, labels = classes or labels.classes, labels.labels
     if kind not in ("logreg", "diff_means"): raise ValueError(f"Unknown probe kind {kind!r}; valid kinds: 'logreg', 'diff_means'.")
+    if not isinstance(acts, Tensor): raise TypeError(f"acts must be a tensor [layer batch d_model] or an Activations, not a {type(acts).__name__}.")
     if acts.ndim not in (3, 4): raise ValueError(f"acts must be [layer batch d_model] or [layer batch head d_head], got shape {tuple(acts.shape)}.")
-    y = torch.as_tensor(labels).long().cpu().reshape(-1)
+    if not torch.isfinite(acts).all():
+        l = int((~torch.isfinite(acts)).flatten(1).any(1).nonzero()[0, 0])
+        raise ValueError(f"acts hold NaN or inf (first at row {l}): a probe on them would be noise. Check the model's dtype and the inputs.")
     N = acts.shape[1]
-    if len(y) != N: raise ValueError(f"There are {len(y)} labels for {N} activations (acts is {tuple(acts.shape)}, the batch axis is dim 1).")
-    if y.min() < 0: raise ValueError("Labels must be class ids 0..K-1.")
+    y = _class_ids(labels, N)
+    if not 0 < test_frac < 1: raise ValueError(f"test_frac must be between 0 and 1 (the held-out fraction, e.g. 0.25), not {test_frac!r}.")
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 0: raise ValueError(f"folds must be an int >= 0 (0 or 1: no cross-validation), not {folds!r}.")
     K = int(y.max()) + 1
+    if classes is not None and len(classes) < K: raise ValueError(f"{len(classes)} class names for labels 0..{K - 1}: give one name per class.")
     counts = torch.bincount(y, minlength=K)
     if (counts < 2).any() or K < 2:
         raise ValueError(f"Every class needs at least 2 examples and there must be 2 classes or more; counts per class: {counts.tolist()}.")

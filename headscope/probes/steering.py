@@ -4,6 +4,7 @@
 
 # %% ../../nbs/33_probes.steering.ipynb #2a4541fd
 from __future__ import annotations
+import math, numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 import torch
@@ -26,6 +27,26 @@ def _check_hook(hook:str)->str:
         raise ValueError(f"Cannot steer at {hook!r}: choose one of {', '.join(STEER_HOOKS)} (the residual stream after or before a layer).")
     return hook
 
+def _number(c, what:str="coeff")->float:
+    "`c` as a finite float, or an error that names `what`: a NaN or inf push makes every later logit NaN"
+    if isinstance(c, Tensor) and c.numel() == 1: c = c.item()
+    if isinstance(c, bool) or not isinstance(c, numbers.Real):
+        raise TypeError(f"{what} must be a real number such as 4 or -2.5, not {c!r}.")
+    if not math.isfinite(c): raise ValueError(f"{what} must be finite, not {c}: steering with NaN or inf makes every logit NaN.")
+    return float(c)
+
+def _direction(v, where:str)->Tensor:
+    "`v` as a float tensor of finite numbers, or an error saying what a direction is"
+    if isinstance(v, (str, bytes)) or v is None:
+        raise TypeError(f"{where}: a direction is a tensor (or list) of numbers [d_model], not {v!r}.")
+    try: t = torch.as_tensor(v).detach()
+    except (TypeError, ValueError, RuntimeError): raise TypeError(f"{where}: a direction is a tensor (or list) of numbers [d_model], not a {type(v).__name__}.") from None
+    if not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        raise TypeError(f"{where}: a direction holds real numbers, not {t.dtype}.")
+    bad = ~torch.isfinite(t.float())
+    if bad.any(): raise ValueError(f"{where}: {int(bad.sum())} of {t.numel()} entries are NaN or inf; steering with them makes every logit NaN. Give finite numbers.")
+    return t.float().cpu()
+
 @dataclass
 class SteeringVector:
     "One steering direction `[d_model]` per layer, added at `blocks.{l}.{hook}`"
@@ -35,8 +56,10 @@ class SteeringVector:
 
     def __post_init__(self):
         _check_hook(self.hook)
-        if not self.vectors: raise ValueError("A SteeringVector needs at least one layer.")
-        vs = {int(l): torch.as_tensor(v).detach().float().cpu() for l, v in self.vectors.items()}
+        if not isinstance(self.vectors, dict) or not self.vectors: raise ValueError("A SteeringVector needs {layer: [d_model] vector} for at least one layer.")
+        keys = [l for l in self.vectors if isinstance(l, bool) or not isinstance(l, numbers.Integral) or l < 0]
+        if keys: raise TypeError(f"Layers are real layer indices 0, 1, ..., not {keys[0]!r}.")
+        vs = {int(l): _direction(v, f"The vector at layer {l}") for l, v in self.vectors.items()}
         bad = {l: tuple(v.shape) for l, v in vs.items() if v.ndim != 1}
         if bad: raise ValueError(f"Each vector must be [d_model]; got shapes {bad}.")
         if len({v.shape[0] for v in vs.values()}) > 1:
@@ -53,6 +76,7 @@ class SteeringVector:
         return {l: float(v.norm()) for l, v in self.vectors.items()}
 
     def __mul__(self, c:float)->SteeringVector:
+        c = _number(c, "A SteeringVector's scale factor")
         return SteeringVector({l: v * c for l, v in self.vectors.items()}, self.hook, self.label)
     __rmul__ = __mul__
     def __neg__(self)->SteeringVector: return self * -1.
@@ -83,6 +107,17 @@ def _check_vector(model, vector:SteeringVector, layers=None)->list[int]:
     return ls
 
 # %% ../../nbs/33_probes.steering.ipynb #0ff9a0b4
+def _prompts(ps, what:str, pos)->list:
+    "Check a side's prompts before any forward: a non-empty list of strings, each holding a marker `pos`"
+    if hasattr(ps, "prompts") and hasattr(ps, "labels"): ps = ps.prompts          # a LabelledPrompts
+    ps = [ps] if isinstance(ps, str) else list(ps)
+    if not ps: raise ValueError(f"`{what}` is empty: give a list of prompts (strings).")
+    bad = [p for p in ps if not isinstance(p, str)]
+    if bad: raise TypeError(f"`{what}` must hold prompt strings, not {type(bad[0]).__name__} such as {bad[0]!r}.")
+    miss = [p for p in ps if isinstance(pos, str) and pos != "mean" and pos not in p]
+    if miss: raise ValueError(f"The marker pos={pos!r} is not in the {what} prompt {miss[0]!r}.")
+    return ps
+
 def _read(model, prompts, layers:list[int], hook:str, pos, batch_size:int, progress:bool)->Tensor:
     "Activations `[layer batch d_model]` at `blocks.{l}.{hook}`, left-padded: `collect_activations` at the steering hook"
     return collect_activations(model, prompts, [f"blocks.{l}.{hook}" for l in layers], pos=pos, batch_size=batch_size,
@@ -100,6 +135,7 @@ def diff_in_means(model:nn.Module,
                  )->SteeringVector:
     "Mean activation over `positive` minus the mean over `negative`, per layer (ActAdd, CAA)"
     ls = _layers(model, layers); _check_hook(hook)
+    positive, negative = _prompts(positive, "positive", pos), _prompts(negative, "negative", pos)
     p = _read(model, positive, ls, hook, pos, batch_size, progress)   # [layer batch d_model]
     n = _read(model, negative, ls, hook, pos, batch_size, progress)
     d = p.double().mean(1) - n.double().mean(1)                      # [layer d_model]
@@ -120,6 +156,7 @@ def pca_direction(model:nn.Module,
     if isinstance(positive, str) or isinstance(negative, str) or len(positive) != len(negative):
         raise ValueError(f"pca_direction needs paired lists of prompts of equal length; got {len(positive)} positive and {len(negative)} negative.")
     ls = _layers(model, layers); _check_hook(hook)
+    positive, negative = _prompts(positive, "positive", pos), _prompts(negative, "negative", pos)
     p = _read(model, positive, ls, hook, pos, batch_size, progress)
     n = _read(model, negative, ls, hook, pos, batch_size, progress)
     D = p.double() - n.double()                                     # [layer pair d_model]
@@ -138,10 +175,10 @@ def steering_vector(direction,                    # [d_model], [layer d_model], 
     "Wrap any direction (a probe's weights, your own vector) as a `SteeringVector`"
     if isinstance(direction, dict): return SteeringVector(dict(direction), hook, label)
     if hasattr(direction, "weight") and not isinstance(direction, Tensor): direction = direction.weight
-    d = torch.as_tensor(direction).detach().float()
+    d = _direction(direction, "steering_vector")
     if d.ndim == 2 and d.shape[0] == 1: d = d[0]          # a one-output linear probe
     if layers is None: raise ValueError("Say which layer(s) the direction applies to: `layers=` an int or a list.")
-    ls = [layers] if isinstance(layers, int) else list(layers)
+    ls = list(layers) if isinstance(layers, (list, tuple, range)) else [layers]
     if d.ndim == 1: return SteeringVector({l: d for l in ls}, hook, label)
     if d.ndim == 2:
         if d.shape[0] != len(ls): raise ValueError(f"A [layer d_model] direction needs one row per layer: got {d.shape[0]} rows for layers {ls}.")
@@ -183,10 +220,11 @@ def steering_hooks(model:nn.Module,
                    pos=None,                   # None, "prompt", "generated", or int/list among real tokens
                   )->list:
     "The `[(name, fn), ...]` that `steer` attaches: compose them with other hooks in `hooks(model, ...)`"
-    ls = _check_vector(model, vector, layers)
-    if not (pos is None or pos in ("prompt", "generated") or isinstance(pos, int)
-            or (isinstance(pos, (list, tuple, range)) and all(isinstance(p, int) for p in pos))):
-        raise ValueError(f"`pos` must be None, 'prompt', 'generated', or an int or list of ints among real tokens, not {pos!r}.")
+    ls, coeff = _check_vector(model, vector, layers), _number(coeff)
+    isint = lambda p: isinstance(p, int) and not isinstance(p, bool)
+    if not (pos is None or pos in ("prompt", "generated") or isint(pos)
+            or (isinstance(pos, (list, tuple, range)) and len(pos) and all(isint(p) for p in pos))):
+        raise ValueError(f"`pos` must be None, 'prompt', 'generated', or an int or non-empty list of ints among real tokens, not {pos!r}.")
     tracker = _PromptTracker() if pos in ("prompt", "generated") else None
     hs = [("hook_embed", tracker)] if tracker else []
     return hs + [(f"blocks.{l}.{vector.hook}", _steer_fn(vector.vectors[l], coeff, pos, tracker)) for l in ls]
@@ -208,7 +246,7 @@ def head_scaling_hooks(model:nn.Module, factors:dict)->list:
     for key, f in factors.items():
         if not (isinstance(key, tuple) and len(key) == 2): raise ValueError(f"Keys must be (layer, head) pairs, not {key!r}.")
         (l,), h = check_layers(model, key[0], "scale_heads"), check_head(model, key[1], what="scale_heads")
-        out.append((f"blocks.{l}.attn.hook_z", scale(float(f), head=h)))
+        out.append((f"blocks.{l}.attn.hook_z", scale(_number(f, f"The factor of head {key}"), head=h)))
     return out
 
 @contextmanager
@@ -239,7 +277,7 @@ def _greedy(model, x:dict, max_new_tokens:int)->Tensor:
     return out[0, x["input_ids"].shape[1]:].cpu()
 
 def _check_layer(vector:SteeringVector, layer:int)->int:
-    if layer not in vector.vectors: raise ValueError(f"The steering vector has no direction at layer {layer}; it has layers {vector.layers}.")
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer not in vector.vectors: raise ValueError(f"The steering vector has no direction at layer {layer!r}; it has layers {vector.layers}.")
     return int(layer)
 
 def steer_generate(model,
@@ -255,13 +293,16 @@ def steer_generate(model,
 
 def _steer_generate(model, prompt, vector, layer, coeff, pos, max_new_tokens, unsteered:Tensor|None=None)->dict:
     "`steer_generate`, reusing the unsteered ids `[new]` when given (the playground caches them)"
-    layer = _check_layer(vector, layer)
+    layer, coeff = _check_layer(vector, layer), _number(coeff)
     if not isinstance(prompt, str): raise TypeError(f"The prompt must be a string, not {type(prompt).__name__}.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, not {max_new_tokens!r}.")
+    hs = steering_hooks(model, vector, coeff, [layer], pos)        # every check before the first forward
     x = to_inputs(model, prompt)
     x["attention_mask"] = torch.ones_like(x["input_ids"])
     u = _greedy(model, x, max_new_tokens) if unsteered is None else unsteered
-    with steer(model, vector, coeff=float(coeff), layers=[layer], pos=pos): s = _greedy(model, x, max_new_tokens)
+    with hooks(model, hs): s = _greedy(model, x, max_new_tokens)
     tok, n = model.tokenizer, x["input_ids"].shape[1]
     return dict(prompt_tokens=token_strs(tok, x["input_ids"][0]), unsteered_tokens=token_strs(tok, u), steered_tokens=token_strs(tok, s),
                 acted=_acted(pos, n, n + len(s)) if coeff else [False] * (n + len(s)), unsteered_ids=u, steered_ids=s,
-                layer=layer, coeff=float(coeff), pos=pos, label=vector.label, hook=vector.hook)
+                layer=layer, coeff=coeff, pos=pos, label=vector.label, hook=vector.hook)

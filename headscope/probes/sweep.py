@@ -13,7 +13,7 @@ from ..arch import model_dims
 from ..tokens import to_inputs, pos_index, single_token_id
 from ..hooking import hooks, forward
 from ..cache import run_with_cache
-from .steering import SteeringVector, steering_hooks, _check_vector
+from .steering import SteeringVector, steering_hooks, _number
 
 # %% auto #0
 __all__ = ['SteeringSweep', 'steering_sweep']
@@ -104,14 +104,17 @@ def steering_sweep(model:nn.Module,
                    progress:bool=True,
                   )->SteeringSweep:
     "Attribute shift against perplexity and KL on neutral text over a sweep of steering coefficients"
-    _check_vector(model, vector, layers)
+    steering_hooks(model, vector, 0., layers, pos)                    # vector, layers and pos checked before any forward
+    if isinstance(coeffs, (str, bytes)) or not hasattr(coeffs, "__iter__"):
+        raise TypeError(f"`coeffs` must be a list of numbers such as [0, 4, 8, 16], not {coeffs!r}.")
+    cs = [_number(c, f"coeffs[{i}]") for i, c in enumerate(coeffs)]
+    if not cs: raise ValueError("`coeffs` is empty: give the coefficients to try, e.g. [0, 4, 8, 16].")
     fn = _attribute_fn(model, attribute)
     xp = to_inputs(model, prompts, padding_side="left")
     xu = to_inputs(model, utility_text, padding_side="left")
     if xu["input_ids"].shape[1] < 2: raise ValueError("The utility text needs at least two tokens to have a perplexity.")
     base_attr = _next_token(model, xp, fn, [])
     base_nll, _, base_lp = _utility(model, xu, [], None)
-    cs = [float(c) for c in coeffs]
     it = cs
     if progress:
         from tqdm.auto import tqdm

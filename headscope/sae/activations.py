@@ -4,8 +4,8 @@
 
 # %% ../../nbs/44_sae.activations.ipynb #4a285237
 from __future__ import annotations
-import json, os, math
-from contextlib import nullcontext
+import fcntl, json, os, math
+from contextlib import contextmanager, nullcontext
 from itertools import islice
 from pathlib import Path
 import numpy as np
@@ -113,11 +113,21 @@ _NP = {torch.float32: ("float32", np.float32), torch.float16: ("float16", np.flo
 _TORCH = {v[0]: k for k, v in _NP.items()}
 
 def _write_json(path:Path, obj):
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1)); os.replace(tmp, path)   # atomic: a crash never leaves half a manifest
 
 def _to_np(a:Tensor)->np.ndarray:
     return (a.view(torch.uint16) if a.dtype == torch.bfloat16 else a).numpy()
+
+@contextmanager
+def _locked(folder:Path):
+    "Hold an exclusive lock on `folder` (`flock` on `folder/.lock`, freed when the process ends); refuse if another process has it"
+    with open(folder / ".lock", "a") as f:
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{folder} is being written by another cache_activations run (it holds {folder / '.lock'}): "
+                               "wait for that run to finish, or cache to another folder.") from None
+        yield
 
 def cache_activations(store,                    # an `ActivationStore`, or a dict of its arguments
                       folder,                   # where the shards and `manifest.json` go
@@ -128,42 +138,43 @@ def cache_activations(store,                    # an `ActivationStore`, or a dic
     "Write `n_tokens` activations of `store` to memory-mapped `.npy` shards in `folder`; resumes an interrupted run"
     if isinstance(store, dict): store = ActivationStore(**store)
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    per, d = store.per_window, store.d_in
-    sw = max(1, shard_tokens // per)                # windows per shard
-    n_win = math.ceil(n_tokens / per)
-    cfg = dict(hook_name=store.hook_name, seq_len=store.seq_len, batch_size=store.batch_size, skip_bos=store.skip_bos,
-               dtype=_NP[store.dtype][0], d_in=d, n_tokens=n_tokens, shard_windows=sw,
-               model=getattr(store.model.config, "_name_or_path", "") or store.model.config.model_type)
-    mpath = folder / "manifest.json"
-    man = json.loads(mpath.read_text()) if mpath.exists() else None
-    if man is not None and man["config"] != cfg:
-        raise ValueError(f"{folder} holds a cache made with other settings: {man['config']}; ours: {cfg}. "
-                         f"Use another folder or delete this one.")
-    wins = list(islice(store.windows(), n_win))
-    if len(wins) < n_win:
-        raise ValueError(f"The corpus gives only {len(wins) * per:,} activations ({len(wins)} windows of {per}); "
-                         f"asked for {n_tokens:,}. Use a bigger corpus or a smaller n_tokens.")
-    if man is None: man = dict(config=cfg, shards=[]); _write_json(mpath, man)
-    nbytes = n_tokens * d * torch.finfo(store.dtype).bits // 8
-    done = {s["file"] for s in man["shards"]}
-    n_sh = math.ceil(n_win / sw)
-    print(f"cache_activations: {n_tokens:,} tokens × {d} × {torch.finfo(store.dtype).bits // 8} bytes = {_fmt_bytes(nbytes)} "
-          f"in {n_sh} shards at {folder}" + (f"; {len(done)} already done" if done else ""))
-    rows_done = sum(s["rows"] for s in man["shards"])
-    with tqdm(total=n_tokens, initial=rows_done, unit="tok", desc="caching", disable=not progress) as bar:
-        for i in range(n_sh):
-            f = f"shard_{i:05d}.npy"
-            if f in done: continue
-            lo, hi = i * sw, min((i + 1) * sw, n_win)
-            rows = min(n_tokens, hi * per) - lo * per
-            mm = np.lib.format.open_memmap(folder / f, mode="w+", dtype=_NP[store.dtype][1], shape=(rows, d))
-            r = 0
-            for j in range(lo, hi, store.batch_size):
-                a = store.acts(torch.stack(wins[j:min(j + store.batch_size, hi)])).cpu()[:rows - r]
-                mm[r:r + len(a)] = _to_np(a); r += len(a); bar.update(len(a))
-            mm.flush(); del mm
-            man["shards"].append(dict(file=f, rows=rows)); man["shards"].sort(key=lambda s: s["file"])
-            _write_json(mpath, man)
+    with _locked(folder):   # before the first forward: a second writer is refused at once
+        per, d = store.per_window, store.d_in
+        sw = max(1, shard_tokens // per)                # windows per shard
+        n_win = math.ceil(n_tokens / per)
+        cfg = dict(hook_name=store.hook_name, seq_len=store.seq_len, batch_size=store.batch_size, skip_bos=store.skip_bos,
+                   dtype=_NP[store.dtype][0], d_in=d, n_tokens=n_tokens, shard_windows=sw,
+                   model=getattr(store.model.config, "_name_or_path", "") or store.model.config.model_type)
+        mpath = folder / "manifest.json"
+        man = json.loads(mpath.read_text()) if mpath.exists() else None
+        if man is not None and man["config"] != cfg:
+            raise ValueError(f"{folder} holds a cache made with other settings: {man['config']}; ours: {cfg}. "
+                             f"Use another folder or delete this one.")
+        wins = list(islice(store.windows(), n_win))
+        if len(wins) < n_win:
+            raise ValueError(f"The corpus gives only {len(wins) * per:,} activations ({len(wins)} windows of {per}); "
+                             f"asked for {n_tokens:,}. Use a bigger corpus or a smaller n_tokens.")
+        if man is None: man = dict(config=cfg, shards=[]); _write_json(mpath, man)
+        nbytes = n_tokens * d * torch.finfo(store.dtype).bits // 8
+        done = {s["file"] for s in man["shards"]}
+        n_sh = math.ceil(n_win / sw)
+        print(f"cache_activations: {n_tokens:,} tokens × {d} × {torch.finfo(store.dtype).bits // 8} bytes = {_fmt_bytes(nbytes)} "
+              f"in {n_sh} shards at {folder}" + (f"; {len(done)} already done" if done else ""))
+        rows_done = sum(s["rows"] for s in man["shards"])
+        with tqdm(total=n_tokens, initial=rows_done, unit="tok", desc="caching", disable=not progress) as bar:
+            for i in range(n_sh):
+                f = f"shard_{i:05d}.npy"
+                if f in done: continue
+                lo, hi = i * sw, min((i + 1) * sw, n_win)
+                rows = min(n_tokens, hi * per) - lo * per
+                mm = np.lib.format.open_memmap(folder / f, mode="w+", dtype=_NP[store.dtype][1], shape=(rows, d))
+                r = 0
+                for j in range(lo, hi, store.batch_size):
+                    a = store.acts(torch.stack(wins[j:min(j + store.batch_size, hi)])).cpu()[:rows - r]
+                    mm[r:r + len(a)] = _to_np(a); r += len(a); bar.update(len(a))
+                mm.flush(); del mm
+                man["shards"].append(dict(file=f, rows=rows)); man["shards"].sort(key=lambda s: s["file"])
+                _write_json(mpath, man)
     return DiskActivations(folder)
 
 # %% ../../nbs/44_sae.activations.ipynb #241614c0

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/40_sae.core.ipynb #5d29318f
 from __future__ import annotations
-import json, importlib
+import json, importlib, numbers, os
 from dataclasses import dataclass, fields, asdict
 from pathlib import Path
 import torch
@@ -35,6 +35,16 @@ class SAEConfig:
     init_threshold:float=0.001       # JumpReLU: initial threshold
     d_out:int|None=None              # transcoder: width of the output it writes; None: d_in
     skip:bool=False                  # transcoder: a linear skip connection `W_skip`
+    def __post_init__(self):         # refuse what no SAE can be built from, before any tensor is made
+        for n, lo in (('d_in', 1), ('d_sae', 1), ('d_out', 1), ('k', 0), ('k_aux', 0)):   # k=0: the architecture says what k it needs
+            v, opt = getattr(self, n), n not in ('d_in', 'd_sae')
+            if v is None and opt: continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
+                raise ValueError(f"{n} must be {'None or ' if opt else ''}an int >= {lo}; got {v!r}.")
+            setattr(self, n, int(v))
+        self.dtype = str(self.dtype).removeprefix('torch.')
+        if self.dtype not in _DTYPES: raise ValueError(f"dtype={self.dtype!r}; valid: {list(_DTYPES)}.")
+_DTYPES = ('float32', 'float64', 'float16', 'bfloat16')
 
 # %% ../../nbs/40_sae.core.ipynb #d3b58b89
 SAE_ARCHS:dict[str,type] = {}
@@ -110,8 +120,14 @@ class SAE(nn.Module):
              dead:Tensor|None=None,        # [d_sae] bool; None: `dead_mask()`
             )->dict:                       # scalars: mse, sparsity, aux, total, l0
         "Training loss, split into its terms"
-        x = x.reshape(-1, self.cfg.d_in)
+        x = self._rows(x)
         return self._loss(x, x, dead)
+
+    def _rows(self, x:Tensor, d:int|None=None, what:str='d_in')->Tensor:  # [... d] -> [n d]
+        "Flatten to rows, refusing another width: a reshape would build rows from pieces of several"
+        d = d or self.cfg.d_in
+        if x.shape[-1] != d: raise ValueError(f"The data has rows {x.shape[-1]} wide, but this SAE reads {what}={d}.")
+        return x.reshape(-1, d)
 
     def _recon(self, x:Tensor, acts:Tensor)->Tensor: return self.decode(acts)   # a transcoder adds its skip path
     def _loss(self, x:Tensor, y:Tensor, dead:Tensor|None)->dict:  # x [n d_in] read, y [n d_out] target (x itself for an SAE)
@@ -187,10 +203,12 @@ def _cfg_dict(sae:SAE)->dict:
     return {**d, **c}
 
 def save_sae(sae:SAE, folder:str|Path)->Path:  # the folder
-    "Write `cfg.json` and `sae_weights.safetensors` in SAELens' format"
+    "Write `cfg.json` and `sae_weights.safetensors` in SAELens' format, each to a temp file renamed into place"
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, str(folder/'sae_weights.safetensors'))
-    (folder/'cfg.json').write_text(json.dumps(_cfg_dict(sae), indent=2))
+    w, c = folder/'sae_weights.safetensors.tmp', folder/'cfg.json.tmp'
+    save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, str(w))
+    c.write_text(json.dumps(_cfg_dict(sae), indent=2))
+    os.replace(w, folder/'sae_weights.safetensors'); os.replace(c, folder/'cfg.json')   # a crash never leaves half a file
     return folder
 
 def load_sae(folder:str|Path, device:str|torch.device='cpu')->SAE:
@@ -198,7 +216,12 @@ def load_sae(folder:str|Path, device:str|torch.device='cpu')->SAE:
     folder = Path(folder)
     for f in ('cfg.json', 'sae_weights.safetensors'):
         if not (folder/f).exists(): raise FileNotFoundError(f"{folder/f} not found; an SAE folder holds cfg.json and sae_weights.safetensors")
-    d = json.loads((folder/'cfg.json').read_text())
+    p = folder/'cfg.json'
+    try: d = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p} is not valid JSON ({e}): truncated or not an SAE config? save_sae and SAELens write a JSON object there.") from None
+    if not isinstance(d, dict) or not {'d_in', 'd_sae'} <= set(d):
+        raise ValueError(f"{p} is not an SAE config: it needs a JSON object with d_in, d_sae and architecture.")
     meta = d.get('metadata') or {}
     # SAELens options that change encode/decode and that we do not implement: refuse rather than differ
     odd = {k: d[k] for k, ok in (('normalize_activations', 'none'), ('rescale_acts_by_decoder_norm', False),
@@ -207,14 +230,18 @@ def load_sae(folder:str|Path, device:str|torch.device='cpu')->SAE:
                                       "rescale_acts_by_decoder_norm=false and reshape_activations='none' (fold them first in SAELens)")
     arch = meta.get('training_architecture')
     _load_archs()
-    if arch not in SAE_ARCHS: arch = d.get('architecture', 'standard')
+    if arch not in SAE_ARCHS: arch = d.get('architecture')
+    if arch is None:   # no silent guess: a TopK SAE read as ReLU would encode wrongly without a word
+        raise ValueError(f"{p} names no architecture; add \"architecture\": one of {sorted(SAE_ARCHS)} (\"standard\" is the ReLU SAE).")
     cls = _arch_cls(arch)
     names = {f.name for f in fields(SAEConfig)}
     kw = {k: v for k, v in d.items() if k in names}
     for k in ('hook_name', 'model_name'): kw.setdefault(k, meta.get(k) or '')
     kw['architecture'] = arch
-    sae = cls(SAEConfig(**kw))
-    sd = load_file(str(folder/'sae_weights.safetensors'), device=str(device))
+    try: sae = cls(SAEConfig(**kw))
+    except (TypeError, ValueError) as e: raise ValueError(f"{p}: {e}") from None
+    try: sd = load_file(str(folder/'sae_weights.safetensors'), device=str(device))
+    except Exception as e: raise ValueError(f"{folder/'sae_weights.safetensors'} cannot be read ({e}): truncated or not safetensors?") from None
     want = sae.state_dict()
     if missing := sorted(set(want) - set(sd)):
         raise KeyError(f"{folder/'sae_weights.safetensors'} lacks {missing}; a {arch!r} SAE needs {sorted(want)}")

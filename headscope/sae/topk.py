@@ -78,7 +78,7 @@ class TopKSAE(SAE):
              dead:Tensor|None=None,        # [d_sae] bool; None: `dead_mask()`
             )->dict:                       # scalars: mse, sparsity, aux, total, l0
         "Training loss with the sparse decode: the same terms as `SAE.loss`"
-        x = x.reshape(-1, self.cfg.d_in)
+        x = self._rows(x)
         h = self.pre(x)
         v, i, off = self._code(h)
         recon = (_bag(v, i, self.W_dec, off) if off is not None else _bag(v, i, self.W_dec)) + self.b_dec

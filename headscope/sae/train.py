@@ -4,19 +4,19 @@
 
 # %% ../../nbs/45_sae.train.ipynb #21852574
 from __future__ import annotations
-import inspect, math, os, re, shutil
+import hashlib, inspect, math, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
-from safetensors.torch import load_file
-from .core import SAE, save_sae, geometric_median
+from .core import SAE, geometric_median
+from .checkpoints import latest_checkpoint, _save_ckpt, _load_ckpt
 from .activations import ActivationStore, DiskActivations
 
 # %% auto #0
-__all__ = ['lr_at', 'SAETrainLog', 'latest_checkpoint', 'resample_dead', 'train_sae']
+__all__ = ['lr_at', 'SAETrainLog', 'resample_dead', 'train_sae', 'latest_checkpoint']
 
 # %% ../../nbs/45_sae.train.ipynb #cd274a0d
 def lr_at(step:int, n_steps:int, lr:float, warmup:int=0, decay:float=0.2)->float:
@@ -78,6 +78,40 @@ def _source(data, seed:int):
     raise TypeError(f"data must be a Tensor [n d_in], a (X, Y) pair of tensors, a DiskActivations, an ActivationStore "
                     f"or an iterable of batches; got {type(data).__name__}.")
 
+# %% ../../nbs/45_sae.train.ipynb #d7d66b5c
+def _check_rows(t:Tensor, width:int, what:str='The data', where:str='', name:str='d_in'):
+    "Refuse rows of another width than the SAE reads (a reshape would build rows from pieces of several), and NaN/inf"
+    if t.shape[-1] != width:
+        raise ValueError(f"{what} has rows {t.shape[-1]} wide{where}, but this SAE reads {name}={width}: use activations "
+                         f"of its hook point (cfg.hook_name), or make an SAE with {name}={t.shape[-1]}.")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{what} holds {int((~torch.isfinite(t)).sum())} NaN/inf values{where}: an SAE cannot learn from them; drop those rows.")
+
+def _check_args(sae:SAE, src, n_tokens, batch_size, log_every):
+    "What `train_sae` refuses before its first step"
+    for v, n, w in ((n_tokens, 'n_tokens', 'rows in all'), (batch_size, 'batch_size', 'rows per step'), (log_every, 'log_every', 'steps')):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{n} must be a positive int ({w}); got {v!r}.")
+    if bad := [n for n, p in sae.named_parameters() if not torch.isfinite(p).all()]:
+        raise ValueError(f"The SAE's {bad} hold NaN or inf: training cannot recover them; start from a fresh or saved SAE.")
+    if not isinstance(src, _Rows): return
+    if isinstance(src.X, DiskActivations):
+        if src.X.d_in != sae.cfg.d_in: _check_rows(src.X.read([0]), sae.cfg.d_in, f"The cache {src.X.folder}")
+        if not src.X.complete:
+            warnings.warn(f"{src.X.folder} is INCOMPLETE: {len(src.X):,} of {src.X.config['n_tokens']:,} rows cached "
+                          "(an interrupted cache_activations); training on those. Rerun cache_activations to finish it.")
+    else: _check_rows(src.X, sae.cfg.d_in, 'The data' if src.Y is None else 'X')
+    if src.Y is not None: _check_rows(src.Y, sae.cfg.d_out or sae.cfg.d_in, 'Y', name='d_out')
+
+def _data_id(src)->str:
+    "The data as a checkpoint remembers it: rows, width and a hash of 16 rows; a stream by its description"
+    if isinstance(src, _Stream):
+        d = src.data
+        return f"{d!r}, seed={d.seed}" if isinstance(d, ActivationStore) else f"a stream ({type(d).__name__})"
+    i, h = torch.linspace(0, src.n - 1, min(src.n, 16)).long(), hashlib.sha1()
+    for A in (src.X, src.Y):
+        if A is not None: h.update(src._read(A, i).float().cpu().numpy().tobytes())
+    return f"{src.n} rows × {src.X.shape[-1] if isinstance(src.X, Tensor) else src.X.d_in}, sha1 {h.hexdigest()[:10]}"
+
 # %% ../../nbs/45_sae.train.ipynb #eb9c3877
 @dataclass
 class SAETrainLog:
@@ -94,44 +128,7 @@ class SAETrainLog:
         return train_log_html(self)
 
 # %% ../../nbs/45_sae.train.ipynb #90b19d8d
-def latest_checkpoint(checkpoint_dir)->Path|None:
-    "The complete `step_{n}` folder with the largest `n` in `checkpoint_dir`, or None"
-    d = Path(checkpoint_dir)
-    if not d.exists(): return None
-    steps = [(int(m.group(1)), p) for p in d.iterdir() if (m := re.fullmatch(r'step_(\d+)', p.name)) and (p/'trainer.pt').exists()]
-    return max(steps)[1] if steps else None
-
-def _rng_state()->dict:
-    s = dict(cpu=torch.get_rng_state())
-    if torch.cuda.is_available() and torch.cuda.is_initialized(): s['cuda'] = torch.cuda.get_rng_state_all()
-    return s
-
-def _save_ckpt(folder:Path, sae:SAE, opt, step:int, meta:dict, history:list, data_rows:int):
-    folder = Path(folder); tmp = folder.with_name(folder.name + '.tmp')
-    if tmp.exists(): shutil.rmtree(tmp)
-    save_sae(sae, tmp)
-    st = dict(step=step, data_rows=data_rows, optimizer=opt.state_dict(), rng=_rng_state(), history=history, meta=meta,
-              tokens_since_fired=sae.tokens_since_fired.cpu())
-    if hasattr(sae, 'n_updates'): st['n_updates'] = sae.n_updates.cpu()
-    torch.save(st, tmp/'trainer.pt')
-    if folder.exists(): shutil.rmtree(folder)
-    os.replace(tmp, folder)
-
-def _load_ckpt(folder:Path, sae:SAE, opt, meta:dict)->dict:
-    st = torch.load(Path(folder)/'trainer.pt', weights_only=True)
-    if st['meta'] != meta:
-        bad = {k: (st['meta'].get(k), v) for k, v in meta.items() if st['meta'].get(k) != v}
-        raise ValueError(f"{folder} was written by a run with other settings (saved, now): {bad}. "
-                         f"Use another checkpoint_dir, the same settings, or resume=False.")
-    dev = sae.W_enc.device
-    sd = load_file(str(Path(folder)/'sae_weights.safetensors'), device=str(dev))
-    sae.load_state_dict(sd)
-    opt.load_state_dict(st['optimizer'])
-    sae.tokens_since_fired.copy_(st['tokens_since_fired'])
-    if 'n_updates' in st: sae.n_updates.copy_(st['n_updates'])
-    torch.set_rng_state(st['rng']['cpu'])
-    if 'cuda' in st['rng'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['rng']['cuda'])
-    return st
+_all_ = ['latest_checkpoint']
 
 # %% ../../nbs/45_sae.train.ipynb #caf42220
 @torch.no_grad()
@@ -221,21 +218,20 @@ def train_sae(sae:SAE,                    # the SAE (or transcoder) to train in 
              )->SAETrainLog:
     "Train `sae` on `data` with Adam; returns the log. The SAE is left in eval mode"
     rank, world = _world()
+    src = _source(data, seed)
+    _check_args(sae, src, n_tokens, batch_size, log_every)
     if batch_size % world: raise ValueError(f"batch_size={batch_size} must be a multiple of the world size {world}.")
     if b_dec_init not in ('median', 'mean', None): raise ValueError(f"b_dec_init={b_dec_init!r}; valid: 'median', 'mean', None")
     bl, n_steps = batch_size // world, math.ceil(n_tokens / batch_size)
     dev, dt = sae.W_enc.device, sae.W_enc.dtype
-    src = _source(data, seed)
     params = [p for p in sae.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
-    meta = dict(architecture=sae.cfg.architecture, d_sae=sae.cfg.d_sae, n_tokens=n_tokens, batch_size=batch_size,
-                seed=seed, world_size=world)
-    log = SAETrainLog(sae)
-    start, rows_read = 0, 0
-    ck = latest_checkpoint(checkpoint_dir) if (checkpoint_dir is not None and resume) else None
-    if ck is not None:
-        st = _load_ckpt(ck, sae, opt, meta)
-        start, log.history, log.resumed_from = st['step'], st['history'], st['step']
+    c = sae.cfg   # what a resumed run must share with the one that wrote the checkpoint
+    meta = dict(architecture=c.architecture, d_in=c.d_in, d_out=c.d_out, d_sae=c.d_sae, k=c.k, n_tokens=n_tokens,
+                batch_size=batch_size, seed=seed, world_size=world, data=_data_id(src))
+    log, start = SAETrainLog(sae), 0
+    st = _load_ckpt(checkpoint_dir, sae, opt, meta) if (checkpoint_dir is not None and resume) else None
+    if st is not None: start, log.history, log.resumed_from = st['step'], st['history'], st['step']
     if isinstance(src, _Stream) and start:    # a stream: skip what the interrupted run consumed
         for _ in range(start): src.take(bl)
     takes_y = 'y' in inspect.signature(sae.loss).parameters
@@ -249,8 +245,10 @@ def train_sae(sae:SAE,                    # the SAE (or transcoder) to train in 
             try: x, y = src.batch(s, batch_size, rank * bl, (rank + 1) * bl) if isinstance(src, _Rows) else src.take(bl)
             except StopIteration:
                 print(f"train_sae: the data ran out at step {s} of {n_steps}"); break
+            if not (isinstance(src, _Rows) and isinstance(src.X, Tensor)):   # tensors were checked whole; caches and streams per batch
+                _check_rows(x, c.d_in, where=f' at step {s}'); y is None or _check_rows(y, c.d_out or c.d_in, 'Y', f' at step {s}', 'd_out')
             x = x.to(dev, dt); y = None if y is None else y.to(dev, dt)
-            if s == 0 and ck is None and b_dec_init and not sae.b_dec.any():
+            if s == 0 and st is None and b_dec_init and not sae.b_dec.any():
                 xb, yb = src.batch(0, batch_size, 0, batch_size) if isinstance(src, _Rows) else (x, y)   # the global batch
                 t = (xb if yb is None else yb).to(dev, dt).reshape(-1, sae.b_dec.shape[-1])
                 with torch.no_grad():

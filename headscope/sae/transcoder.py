@@ -81,7 +81,7 @@ class Transcoder(SAE):
             )->dict:                       # scalars: mse, sparsity, aux, total, l0
         "Training loss: `SAE.loss`'s terms with the MLP output `y` as the target, sparsity (ReLU) or AuxK (TopK)"
         if y is None: raise TypeError("A transcoder's loss needs the target: loss(x, y) with y the MLP output [... d_out].")
-        return self._loss(x.reshape(-1, self.cfg.d_in), y.reshape(-1, self.cfg.d_out), dead)
+        return self._loss(self._rows(x), self._rows(y, self.cfg.d_out, 'd_out'), dead)
 
     def __repr__(self):
         c = self.cfg

@@ -27,11 +27,12 @@ def dla_html(d)->str:
         bars.append(f"<text x='54' y='{l * rowh + 10}' font-size='10' text-anchor='end' fill='#111'>L{l}</text>")
     svg = (f"<svg width='{w + 70}' height='{L * rowh + 6}' style='background:#fff'>"
            f"<line x1='{60 + w / 2}' x2='{60 + w / 2}' y1='0' y2='{L * rowh}' stroke='#888'/>{''.join(bars)}</svg>")
-    legend = ("<div style='font-size:12px'>Per layer, mean over prompts: <span style='color:#2166ac'>■ attention</span> "
-              f"<span style='color:#b2182b'>■ MLP</span>; bar length ∝ contribution (max |{vmax:.2f}|).</div>")
+    legend = ("<div style='font-size:12px;color:#111111;background-color:#ffffff'>Per layer, mean over prompts: "
+              "<span style='color:#2166ac;background-color:#ffffff'>■ attention</span> "
+              f"<span style='color:#b2182b;background-color:#ffffff'>■ MLP</span>; bar length ∝ contribution (max |{vmax:.2f}|).</div>")
     heat = head_heatmap_html({"dla": d.scores}, signed={"dla"}, title=html.escape(f"DLA per head: {d.label}"))
     return (f"<div class='hs-dla' style='background-color:#ffffff;color:#111111;padding:8px'>"
-            f"<div><b>{html.escape(repr(d))}</b></div>{legend}{svg}{heat}</div>")
+            f"<div style='color:#111111;background-color:#ffffff'><b style='color:#111111;background-color:#ffffff'>{html.escape(repr(d))}</b></div>{legend}{svg}{heat}</div>")
 
 # %% ../../nbs/56_views.causal.ipynb #8d89980f
 def faithfulness_curve_html(c, w:int=440, h:int=230)->str:
@@ -63,11 +64,12 @@ def faithfulness_curve_html(c, w:int=440, h:int=230)->str:
                       f"faithfulness {v:.3f}</title></circle>")
     return (f"<div style='background-color:#ffffff;color:#111111;color-scheme:light;padding:6px;display:inline-block;"
             f"font-family:system-ui,sans-serif'><svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' "
-            f"viewBox='0 0 {w} {h}'>{''.join(el)}</svg><div style='font-size:11px;color:#4b5563'>{html.escape(repr(c))}</div></div>")
+            f"viewBox='0 0 {w} {h}'>{''.join(el)}</svg><div style='font-size:11px;color:#4b5563;background-color:#ffffff'>{html.escape(repr(c))}</div></div>")
 
 # %% ../../nbs/56_views.causal.ipynb #ff637262
 _CELL = "color:#111111;border:1px solid #d9dce1;padding:2px 6px"
-_TR, _TD, _TH = "background-color:#ffffff", f"background-color:#ffffff;{_CELL}", f"background-color:#f3f4f6;{_CELL};font-weight:bold"
+_TR, _TD, _TH = "background-color:#ffffff;color:#111111", f"background-color:#ffffff;{_CELL}", f"background-color:#f3f4f6;{_CELL};font-weight:bold"
+_INK = "color:#111111;background-color:#ffffff"   # on every element: dark themes style some tags (table, tr, q, ...) directly
 
 def _tint(p:float)->str:
     "Inline style for a cell shaded by probability `p`: explicit background *and* text colour, so it reads on any theme"
@@ -81,15 +83,15 @@ def _tint(p:float)->str:
 def _prediction_rows(pr, b:int)->str:
     cells = []
     for r, (t, p, l) in enumerate(zip(pr.tokens[b], pr.probs[b].tolist(), pr.logits[b].tolist())):
-        bar = (f"<div style='width:120px;height:10px;background-color:#e5e7eb;border:1px solid #9ca3af'>"
-               f"<div style='width:{100*p:.1f}%;height:100%;background-color:#1d4ed8'></div></div>")
+        bar = (f"<div style='width:120px;height:10px;background-color:#e5e7eb;color:#111111;border:1px solid #9ca3af'>"
+               f"<div style='width:{100*p:.1f}%;height:100%;background-color:#1d4ed8;color:#ffffff'></div></div>")
         cells.append(f"<tr style='{_TR}'><td style='{_TD}'>{r+1}</td><td style='{_TD}'><code style='color:#111111;background-color:#f3f4f6'>{visible(t)}</code></td>"
                      f"<td style='{_TD}'>{bar}</td><td style='{_TD};text-align:right'>{100*p:.1f}%</td><td style='{_TD};text-align:right'>{l:.2f}</td></tr>")
-    return (f"<div style='margin:4px 0'>after <code style='color:#111111;background-color:#f3f4f6'>{visible(pr.context[b])}</code> in "
-            f"<q>{html.escape(pr.prompts[b])}</q></div>"
+    return (f"<div style='margin:4px 0;{_INK}'>after <code style='color:#111111;background-color:#f3f4f6'>{visible(pr.context[b])}</code> in "
+            f"<q style='{_INK}'>{html.escape(pr.prompts[b])}</q></div>"
             "<table class='hs-table' style='border-collapse:collapse;background-color:#ffffff;color:#111111'>"
-            f"<thead><tr style='{_TR}'>" + "".join(f"<th style='{_TH}'>{c}</th>" for c in ("#", "token", "probability", "", "logit")) + "</tr></thead>"
-            f"<tbody>{''.join(cells)}</tbody></table>")
+            f"<thead style='{_INK}'><tr style='{_TR}'>" + "".join(f"<th style='{_TH}'>{c}</th>" for c in ("#", "token", "probability", "", "logit")) + "</tr></thead>"
+            f"<tbody style='{_INK}'>{''.join(cells)}</tbody></table>")
 
 def predictions_html(pr)->str:
     "`Predictions`: per prompt, a table of its top tokens with probability bars"
@@ -97,25 +99,26 @@ def predictions_html(pr)->str:
             + "".join(_prediction_rows(pr, b) for b in range(len(pr))) + "</div>")
 
 def _lens_cell(t:str, p:float)->str:
-    return f"<td style='{_tint(p)};border:1px solid #d9dce1;padding:2px 6px;white-space:nowrap'><code style='color:inherit;background:none'>{visible(t)}</code><br><small>{100*p:.1f}%</small></td>"
+    return (f"<td style='{_tint(p)};border:1px solid #d9dce1;padding:2px 6px;white-space:nowrap'><code style='color:inherit;background:none'>{visible(t)}</code>"
+            f"<br><small style='color:inherit;background:none'>{100*p:.1f}%</small></td>")
 
 def logit_lens_html(ll)->str:
     "`LogitLens`: a row per layer boundary, its top tokens and the targets' probability and rank, shaded by √probability"
     k = len(ll.top_tokens[0])
     head = "".join(f"<th style='{_TH}'>top {i+1}</th>" for i in range(k)) + "".join(
-        f"<th style='{_TH}'><code style='color:inherit;background:none'>{visible(t)}</code><br><small>p · rank</small></th>" for t in ll.target_tokens)
+        f"<th style='{_TH}'><code style='color:inherit;background:none'>{visible(t)}</code><br><small style='color:inherit;background:none'>p · rank</small></th>" for t in ll.target_tokens)
     rows = []
     for i, lab in enumerate(ll.labels):
         cells = "".join(_lens_cell(t, p) for t, p in zip(ll.top_tokens[i], ll.probs[i].tolist()))
-        cells += "".join(f"<td style='{_tint(p)};border:1px solid #d9dce1;padding:2px 6px;white-space:nowrap'>{100*p:.1f}%<br><small>#{int(r)}</small></td>"
+        cells += "".join(f"<td style='{_tint(p)};border:1px solid #d9dce1;padding:2px 6px;white-space:nowrap'>{100*p:.1f}%<br><small style='color:inherit;background:none'>#{int(r)}</small></td>"
                          for p, r in zip(ll.target_probs[i].tolist(), ll.target_ranks[i].tolist()))
         rows.append(f"<tr style='{_TR}'><th style='{_TH};text-align:right'>{lab}</th>{cells}</tr>")
-    prompt = "".join(f"<b style='text-decoration:underline'>{html.escape(t)}</b>" if j == ll.index else html.escape(t)
+    prompt = "".join(f"<b style='text-decoration:underline;{_INK}'>{html.escape(t)}</b>" if j == ll.index else html.escape(t)
                      for j, t in enumerate(ll.tokens))
     return ("<div class='hs-lens' style='background-color:#ffffff;color:#111111;padding:6px;overflow-x:auto'>"
-            f"<div style='margin-bottom:4px'>Logit lens after <code style='color:#111111;background-color:#f3f4f6'>"
-            f"{visible(ll.tokens[ll.index])}</code> (position {ll.index}) in <q>{prompt}</q>. "
-            "Row L<i>l</i> decodes the residual stream entering layer <i>l</i>; <i>final</i> is the model's output. "
+            f"<div style='margin-bottom:4px;{_INK}'>Logit lens after <code style='color:#111111;background-color:#f3f4f6'>"
+            f"{visible(ll.tokens[ll.index])}</code> (position {ll.index}) in <q style='{_INK}'>{prompt}</q>. "
+            f"Row L<i style='{_INK}'>l</i> decodes the residual stream entering layer <i style='{_INK}'>l</i>; <i style='{_INK}'>final</i> is the model's output. "
             "Shade ∝ √probability.</div>"
             "<table class='hs-table' style='border-collapse:collapse;background-color:#ffffff;color:#111111;font-size:12px'>"
-            f"<thead><tr style='{_TR}'><th style='{_TH}'>layer</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+            f"<thead style='{_INK}'><tr style='{_TR}'><th style='{_TH}'>layer</th>{head}</tr></thead><tbody style='{_INK}'>{''.join(rows)}</tbody></table></div>")

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import html, math, re, uuid
 from .style import PANEL, RDBU, NAN, colour, fmt_score, json_for_script
-from .patching import ink, patching_heatmap_html
+from .patching import ink, patching_heatmap_html, score_title, _INK
 
 # %% auto #0
 __all__ = ['MAX_EDGES', 'graph_edges', 'default_threshold', 'circuit_graph_html', 'path_patching_html']
@@ -153,20 +153,21 @@ def _graph_html(edges, threshold=None, title:str="", node_scores:dict|None=None,
     more = f" (the {len(E)} strongest of {len(es)})" if len(E) < len(es) else ""
     note = (f" {nan} edge{'s' if nan > 1 else ''} with a NaN score left out." if nan else "")
     count = f"{len(shown)} of {len(E)} edges"
-    head = f"<div style='font-weight:bold;margin:2px 0 6px'>{html.escape(str(title))}</div>" if title else ""
-    legend = (f"<div style='font-size:11px;color:#4b5563'>edge width and opacity: |score|; <span style='color:{_POS}'>blue: positive</span>, "
-              f"<span style='color:{_NEG}'>red: negative</span>; hover an edge or a node for its score.{note}</div>")
+    head = f"<div style='font-weight:bold;margin:2px 0 6px;{_INK}'>{html.escape(str(title))}</div>" if title else ""
+    bg = "background-color:#ffffff"
+    legend = (f"<div style='font-size:11px;color:#4b5563;{bg}'>edge width and opacity: |score|; <span style='color:{_POS};{bg}'>blue: positive</span>, "
+              f"<span style='color:{_NEG};{bg}'>red: negative</span>; hover an edge or a node for its score.{note}</div>")
     if not interactive:
-        return (f"<div class='hs-graph' style='{PANEL}'>{head}<div class='hs-count' style='font-size:12px'>|score| ≥ {th:.3g}: {count}{more}</div>"
-                f"<div style='overflow-x:auto'>{''.join(out)}</div>{legend}</div>")
-    ctrl = (f"<div class='hs-controls' style='display:none;font-size:12px'><label>|score| ≥ <input type='range' class='hs-threshold' autocomplete='off' "
-            f"min='0' max='{M or 1.0!r}' step='any' value='{th!r}' style='vertical-align:middle;width:220px'></label> "
-            f"<span class='hs-th' style='font-family:monospace'>{th:.3g}</span> · <span class='hs-count'>{count}</span>{more}"
-            f" · <span class='hs-readout' style='font-family:monospace'>hover an edge or a node</span></div>"
-            f"<div class='hs-nojs' style='font-size:12px'>|score| ≥ {th:.3g}: {count}{more}. The threshold slider needs JavaScript.</div>")
+        return (f"<div class='hs-graph' style='{PANEL}'>{head}<div class='hs-count' style='font-size:12px;{_INK}'>|score| ≥ {th:.3g}: {count}{more}</div>"
+                f"<div style='overflow-x:auto;{_INK}'>{''.join(out)}</div>{legend}</div>")
+    ctrl = (f"<div class='hs-controls' style='display:none;font-size:12px;{_INK}'><label style='{_INK}'>|score| ≥ <input type='range' class='hs-threshold' autocomplete='off' "
+            f"min='0' max='{M or 1.0!r}' step='any' value='{th!r}' style='vertical-align:middle;width:220px;{_INK}'></label> "
+            f"<span class='hs-th' style='font-family:monospace;{_INK}'>{th:.3g}</span> · <span class='hs-count' style='{_INK}'>{count}</span>{more}"
+            f" · <span class='hs-readout' style='font-family:monospace;{_INK}'>hover an edge or a node</span></div>"
+            f"<div class='hs-nojs' style='font-size:12px;{_INK}'>|score| ≥ {th:.3g}: {count}{more}. The threshold slider needs JavaScript.</div>")
     data = dict(nodes=N, edges=E, nw=_NW, nh=_NH)
     return (f"<div class='hs-graph' id='{rid}' data-threshold='{th!r}' data-shown='{len(shown)}' style='{PANEL}'>{head}{ctrl}"
-            f"<div style='overflow-x:auto'>{''.join(out)}</div>{legend}"
+            f"<div style='overflow-x:auto;{_INK}'>{''.join(out)}</div>{legend}"
             f"<script type='application/json' class='hs-data'>{json_for_script(data)}</script><script>{_GRAPH_JS % json_for_script(rid)}</script></div>")
 
 def circuit_graph_html(edges,                      # [(src, dst, score)]; names "embed", "L{l}H{h}", "L{l}KV{g}", "MLP{l}", "logits"
@@ -180,13 +181,19 @@ def circuit_graph_html(edges,                      # [(src, dst, score)]; names 
 
 # %% ../../nbs/53a_views.graph.ipynb #e77ad09d
 def path_patching_html(res)->str:
-    "A path-patching result's page: its heatmap (or sender table) and the graph of the 40 strongest paths"
-    t = repr(res)
-    if res.scores.ndim == 2: out = patching_heatmap_html(res, title=t)      # NaN (not upstream): grey
+    "A path-patching result's page: its heatmap (or sender table) and the graph of the 40 strongest paths, with the sign convention stated"
+    what = f"Path patching → {'+'.join(res.receivers)} via {res.via}" + ("" if res.pos is None else f" at pos {res.pos}")
+    t = score_title(res, what, "score 1 = the path carries the whole clean − corrupted difference, 0 = nothing")
+    sign = ("Sign as in activation patching: a path that carries the behaviour scores positive (blue), one that opposes it "
+            "negative (red); score = (m_clean − m_patched) / (m_clean − m_corrupted).")
+    note = f"<div class='hs-sign' style='font-size:11px;color:#4b5563;background-color:#ffffff;max-width:520px'>{sign}</div>"
+    if res.scores.ndim == 2: out = patching_heatmap_html(res, title=t) + note      # NaN (not upstream): grey
     else:
-        rows = "".join(f"<tr><td>{html.escape(c.name)}</td><td style='text-align:right'>{c.score:+.3f}</td></tr>" for c in res.top(len(res.senders)))
-        out = (f"<div style='background:#fff;color:#111;padding:6px;display:inline-block'><pre>{html.escape(t)}</pre>"
-               f"<table><tr><th>sender</th><th>score</th></tr>{rows}</table></div>")
+        cell = f"{_INK};border:1px solid #d9dce1;padding:2px 6px"
+        rows = "".join(f"<tr style='{_INK}'><td style='{cell}'>{html.escape(c.name)}</td><td style='{cell};text-align:right'>{c.score:+.3f}</td></tr>"
+                       for c in res.top(len(res.senders)))
+        out = (f"<div style='{_INK};padding:6px;display:inline-block'><div style='font-weight:bold;margin:2px 0 6px;{_INK}'>{html.escape(t)}</div>"
+               f"<table style='border-collapse:collapse;{_INK}'><tr style='{_INK}'><th style='{cell}'>sender</th><th style='{cell}'>score</th></tr>{rows}</table>{note}</div>")
     es = res.edges()[:40]
-    if es: out += circuit_graph_html(es, title="strongest paths")
-    return f"<div style='display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start'>{out}</div>"
+    if es: out += circuit_graph_html(es, title="strongest paths (blue: carries the behaviour, red: opposes it)")
+    return f"<div style='display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start;{_INK}'>{out}</div>"

@@ -11,7 +11,8 @@ from ..results import AXIS_PREFIX, cell_name
 from .style import PANEL, CTRL, NAN, colour, colour_scale, colourbar_svg, fmt_score, json_for_script, short_token
 
 # %% auto #0
-__all__ = ['unpack_grid', 'pos_label', 'ink', 'patching_heatmap_html', 'agreement_scatter_html', 'cell_names', 'attribution_html']
+__all__ = ['unpack_grid', 'pos_label', 'ink', 'score_title', 'patching_heatmap_html', 'agreement_scatter_html', 'cell_names',
+           'attribution_html']
 
 # %% ../../nbs/53_views.patching.ipynb #5ea3e882
 _AXES = ("layer", "head", "kv_head", "pos")
@@ -104,7 +105,15 @@ def ink(fill:str)->str:
     r, g, b = (int(fill[i:i+2], 16) / 255 for i in (1, 3, 5))
     return "#ffffff" if 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.45 else "#111111"
 
-def _cell_text(x:float)->str: return "" if math.isnan(x) else (f"{x:.2f}" if abs(x) < 9.995 else f"{x:.3g}")
+_INK = "color:#111111;background-color:#ffffff"   # on every element: dark themes style some tags (pre, table, tr, ...) directly
+
+def _cell_text(x:float)->str:
+    "The value printed in a cell: blank when NaN or when it would read 0.00 or -0.00 (the tooltip keeps every value)"
+    return "" if math.isnan(x) or abs(x) < 0.005 else (f"{x:.2f}" if abs(x) < 9.995 else f"{x:.3g}")
+
+def score_title(res, what:str, reading:str="score 1 = clean, 0 = corrupted")->str:
+    "A result's heading: what was patched, the metric with its two baselines, and how to read the scores"
+    return f"{what} · {getattr(res, 'metric', '') or 'metric'}: clean {res.clean:.3g}, corrupted {res.corrupt:.3g} · {reading}"
 
 def patching_heatmap_html(scores,                   # [layer pos], [layer head] or [layer head pos] (or [layer]); or a result with .scores/.axes/.tokens
                           row_labels:list|None=None, # default L0, L1, ...
@@ -155,17 +164,19 @@ def patching_heatmap_html(scores,                   # [layer pos], [layer head] 
                                      f"fill='{inks[p0][r][c]}' pointer-events='none'>{txt[p0][r][c]}</text>")
     out.append("</svg>")
     kind = "signed: RdBu centred on 0" if signed else "sequential (viridis)"
-    head = f"<div style='font-weight:bold;margin:2px 0 6px'>{html.escape(str(title))}</div>" if title else ""
+    head = f"<div style='font-weight:bold;margin:2px 0 6px;{_INK}'>{html.escape(str(title))}</div>" if title else ""
     picker, data = "", ""
     if P > 1:
-        opts = "".join(f"<option value='{p}'{' selected' if p == p0 else ''}>{html.escape(slices[p])}</option>" for p in range(P))
-        picker = (f"<span class='hs-picker' style='display:none;margin-right:10px'><label>Position <select class='hs-pos' autocomplete='off' style='{CTRL}'>{opts}</select></label></span>")
+        opts = "".join(f"<option value='{p}'{' selected' if p == p0 else ''} style='{_INK}'>{html.escape(slices[p])}</option>" for p in range(P))
+        picker = (f"<span class='hs-picker' style='display:none;margin-right:10px;{_INK}'><label style='{_INK}'>Position "
+                  f"<select class='hs-pos' autocomplete='off' style='{CTRL}'>{opts}</select></label></span>")
         data = f"<script type='application/json' class='hs-data'>{json_for_script(dict(fill=fill, val=[[[fmt_score(x) for x in r] for r in sl] for sl in vals], txt=txt, ink=inks, names=names, slices=slices))}</script>"
-    shown = f"<div class='hs-slice' style='font-size:12px;font-weight:bold;margin:2px 0'>{html.escape(slices[p0])}</div>" if P > 1 else ""
+    shown = f"<div class='hs-slice' style='font-size:12px;font-weight:bold;margin:2px 0;{_INK}'>{html.escape(slices[p0])}</div>" if P > 1 else ""
+    blank = "; values under 0.005 in size left blank" if show_vals else ""
     return (f"<div class='hs-patching' id='{rid}' data-pos='{p0}' style='{PANEL}'>{head}"
-            f"<div style='margin-bottom:4px'>{picker}<span class='hs-readout' style='font-family:monospace;font-size:12px'>hover a cell for its value</span></div>"
-            f"{shown}<div style='overflow-x:auto'>{''.join(out)}</div>"
-            f"<div style='font-size:11px;color:#4b5563'>{kind}; grey = not computed</div>{colourbar_svg(lo, hi, stops, f'{rid}-bar')}"
+            f"<div style='margin-bottom:4px;{_INK}'>{picker}<span class='hs-readout' style='font-family:monospace;font-size:12px;{_INK}'>hover a cell for its value</span></div>"
+            f"{shown}<div style='overflow-x:auto;{_INK}'>{''.join(out)}</div>"
+            f"<div style='font-size:11px;color:#4b5563;background-color:#ffffff'>{kind}; grey = not computed{blank}</div>{colourbar_svg(lo, hi, stops, f'{rid}-bar')}"
             f"{data}<script>{_HM_JS % json_for_script(rid)}</script></div>")
 
 # %% ../../nbs/53_views.patching.ipynb #4f097ded
@@ -234,9 +245,9 @@ def agreement_scatter_html(x,                         # [n] exact scores (any sh
     stats = (f"Pearson r = {f(a['pearson'])} · Spearman ρ = {f(a['spearman'])} · top-{a['k']} overlap (by |score|) = {ov} · n = {a['n']}"
              + (f" ({dropped} with NaN left out)" if dropped else ""))
     rid = f"hs-scatter-{uuid.uuid4().hex[:12]}"
-    head = f"<div style='font-weight:bold;margin:2px 0 6px'>{html.escape(str(title))}</div>" if title else ""
-    return (f"<div class='hs-agreement' id='{rid}' style='{PANEL}'>{head}<div class='hs-stats' style='font-size:12px;margin-bottom:4px'>{stats}</div>"
-            f"{''.join(out)}<div class='hs-readout' style='font-family:monospace;font-size:12px'>hover a point for its name and values</div>"
+    head = f"<div style='font-weight:bold;margin:2px 0 6px;{_INK}'>{html.escape(str(title))}</div>" if title else ""
+    return (f"<div class='hs-agreement' id='{rid}' style='{PANEL}'>{head}<div class='hs-stats' style='font-size:12px;margin-bottom:4px;{_INK}'>{stats}</div>"
+            f"{''.join(out)}<div class='hs-readout' style='font-family:monospace;font-size:12px;{_INK}'>hover a point for its name and values</div>"
             f"<script>{_SC_JS % json_for_script(rid)}</script></div>")
 
 # %% ../../nbs/53_views.patching.ipynb #89bf17a2
@@ -248,8 +259,8 @@ def cell_names(res)->list[str]:
 
 def attribution_html(res)->str:
     "An attribution result's page: the estimate as a heatmap and, with exact scores, the agreement scatter beside it"
-    out = patching_heatmap_html(res, title=repr(res))
+    out = patching_heatmap_html(res, title=score_title(res, f"Attribution patching of {res.kind} (linear estimate)"))
     if res.exact is not None:
         out += agreement_scatter_html(res.exact, res.scores, labels=cell_names(res), xlabel="exact patching", ylabel="attribution patching",
                                       title=f"attribution vs exact ({res.kind})", agreement=res.agreement)
-    return f"<div style='display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start'>{out}</div>"
+    return f"<div style='display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start;{_INK}'>{out}</div>"

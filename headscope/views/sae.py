@@ -7,7 +7,7 @@ from __future__ import annotations
 import html, math, re
 from typing import TYPE_CHECKING
 from torch import Tensor
-from ..tokens import token_strs
+from ..tokens import token_strs, show_token
 from .style import PANEL, fig_html, token_text_html as _text
 if TYPE_CHECKING:   # type hints only: views import no analysis
     from headscope.sae.features import FeatureActivations, LogitEffects
@@ -60,9 +60,11 @@ def _hist_svg(acts:FeatureActivations, r:int, w:int=300, h:int=70)->str:
     return (f"<svg class='hs-hist' width='{w}' height='{h}' style='background-color:#ffffff'>{bars}"
             f"<line x1='5' x2='{w - 5}' y1='{h - 14}' y2='{h - 14}' stroke='#9ca3af'/>{ax}</svg>")
 
+def _ltok(t:str)->str: return html.escape(show_token(t)) or "∅"   # a token in a list: leading space shown as ␣
+
 def _logits_html(le:LogitEffects)->str:
     col = lambda cls, name, ts, vs, c: (f"<div class='{cls}' style='flex:1 1 0;min-width:140px'><div style='font-weight:bold;font-size:12px;color:{c}'>{name}</div>"
-        + "".join(f"<div style='font-family:DejaVu Sans Mono,monospace;font-size:12px'><span class='hs-ltok' style='background-color:#f3f4f6;color:{_INK}'>{_text(t)}</span>"
+        + "".join(f"<div style='font-family:DejaVu Sans Mono,monospace;font-size:12px'><span class='hs-ltok' style='background-color:#f3f4f6;color:{_INK}'>{_ltok(t)}</span>"
                   f" <span style='color:{c}'>{v:+.3g}</span></div>" for t, v in zip(ts, vs.tolist())) + "</div>")
     return (f"<div class='hs-logits' style='display:flex;gap:12px'>{col('hs-up', 'promotes', le.top_tokens, le.top_values, _UP)}"
             f"{col('hs-down', 'suppresses', le.bottom_tokens, le.bottom_values, _DOWN)}</div>")
@@ -138,18 +140,23 @@ def effect_html(r:dict,       # from `feature_effect`
     ts = lambda ids: token_strs(tokenizer, ids)   # a token that is part of a character shows as ‹id›
     def lst(cls, name, ids, fmt):
         return (f"<div class='{cls}' style='flex:1 1 0;min-width:150px'><div style='font-weight:bold;font-size:12px'>{name}</div>"
-                + "".join(f"<div style='font-family:DejaVu Sans Mono,monospace;font-size:12px'><span class='hs-ltok' style='background-color:#f3f4f6'>{_text(t)}</span> "
+                + "".join(f"<div style='font-family:DejaVu Sans Mono,monospace;font-size:12px'><span class='hs-ltok' style='background-color:#f3f4f6'>{_ltok(t)}</span> "
                           f"<span style='color:{_MUTED}'>{fmt(i)}</span></div>" for t, i in zip(ts(ids), ids.tolist())) + "</div>")
     d = new - clean
     p = lambda v: f"{100 * math.exp(v):.1f}%"
     what = "ablated" if r["mode"] == "ablate" else f"steered ×{r['coeff']:.3g}"
-    cols = (lst("hs-before", "clean: top next tokens", clean.topk(k).indices, lambda i: p(clean[i]))
-            + lst("hs-after", f"{what}: top next tokens", new.topk(k).indices, lambda i: p(new[i]))
-            + lst("hs-rise", "rise most (Δ log p)", d.topk(k).indices, lambda i: f"{float(d[i]):+.3g}")
-            + lst("hs-fall", "fall most (Δ log p)", d.topk(k, largest=False).indices, lambda i: f"{float(d[i]):+.3g}"))
+    # nothing changed: rises and falls of +0 would be arbitrary tokens, so say why instead of listing them
+    still = ("feature inactive on this prompt: ablating it changes nothing" if r["mode"] == "ablate" and not amax > 0
+             else "no change to the next-token distribution" if not float(d.abs().max()) > 0 else "")
+    kl = f"KL(clean ‖ {what}) = {r['kl']:.3g} nats"
+    cols = lst("hs-before", "clean: top next tokens", clean.topk(k).indices, lambda i: p(clean[i]))
+    if still: cols += f"<div class='hs-still' style='flex:1 1 0;font-size:12px;color:{_MUTED}'>{still.capitalize()}.</div>"
+    else: cols += (lst("hs-after", f"{what}: top next tokens", new.topk(k).indices, lambda i: p(new[i]))
+                   + lst("hs-rise", "rise most (Δ log p)", d.topk(k).indices, lambda i: f"{float(d[i]):+.3g}")
+                   + lst("hs-fall", "fall most (Δ log p)", d.topk(k, largest=False).indices, lambda i: f"{float(d[i]):+.3g}"))
     return (f"<div class='hs-effect' data-mode='{r['mode']}' data-kl='{r['kl']:.6g}' data-top='{int(new.argmax())}' style='{PANEL}'>"
             f"<div style='font-size:12px;color:{_MUTED}'>Feature {r['f']} on the prompt (max {amax:.3g}) · {what} · "
-            f"KL(clean ‖ {what}) = {r['kl']:.3g} nats</div>"
+            f"{still or kl}</div>"
             f"<div class='hs-text' style='white-space:pre-wrap;font-family:DejaVu Sans Mono,monospace;font-size:12px;margin:4px 0'>{prompt}</div>"
             f"<div style='display:flex;gap:10px;flex-wrap:wrap'>{cols}</div></div>")
 

@@ -27,7 +27,8 @@ class FeatureBrowser(widgets.VBox):
         acts.row(f)                                                        # a clear error for an untracked feature
         self.result, self.error, self._quiet = None, None, False
         self.feature = widgets.Dropdown(options=[(str(x), x) for x in feats], value=f, description="Feature")
-        self.slider = widgets.IntSlider(value=feats.index(f), min=0, max=len(feats) - 1, description="#", continuous_update=False)
+        self.slider = widgets.IntSlider(value=feats.index(f), min=0, max=len(feats) - 1, description="Browse", readout=False,
+                                    continuous_update=False, tooltip="step through the tracked features (the dropdown shows the feature id)")
         self.card = widgets.HTML()
         self.prompt = widgets.Textarea(value=prompt, description="Prompt", layout=widgets.Layout(width="560px", height="48px"))
         cm = max(float(coeff_max), abs(float(coeff)))

@@ -6,13 +6,30 @@
 from __future__ import annotations
 import html
 import ipywidgets as widgets
-from ..probes.steering import SteeringVector, _steer_generate, _check_layer
+from ..probes.steering import SteeringVector, _steer_generate, _check_layer, _number
+from ..tokens import to_inputs
+from ..cache import run_with_cache
 from ..views.style import PANEL
 from ..views.steering import steered_generation_html
 from .base import with_static_html
 
 # %% auto #0
 __all__ = ['SteeringPlayground']
+
+# %% ../../nbs/63_widgets.steering.ipynb #3ff244e0
+def _resid_norms(model, prompt:str, keys)->dict:
+    "`{(hook, layer): mean L2 norm of blocks.{layer}.{hook} over the prompt's tokens after the first}`: one forward"
+    x = to_inputs(model, prompt)
+    names = {k: f"blocks.{k[1]}.{k[0]}" for k in keys}
+    c = run_with_cache(model, x, names=sorted(set(names.values())))
+    skip = int(x["input_ids"].shape[1] > 1)                     # the first token: often an attention sink, far larger
+    return {k: float(c[n][0, skip:].float().norm(dim=-1).mean()) for k, n in names.items()}
+
+def _scale(resid:float, vnorm:float)->tuple:
+    "(ratio ‖resid‖/‖v‖ or None, default coefficient ratio/4, slider half-range 1 ratio)"
+    if not (vnorm > 0 and resid > 0): return None, 4., 10.
+    r = resid / vnorm
+    return r, r / 4, r
 
 # %% ../../nbs/63_widgets.steering.ipynb #4abac8e6
 _RULES = {"all tokens": None, "prompt": "prompt", "generated": "generated", "last token (-1)": -1}
@@ -22,21 +39,30 @@ def _rule_name(pos)->str: return next((k for k, v in _RULES.items() if v == pos 
 class SteeringPlayground(widgets.VBox):
     "Prompt, vector, layer, coefficient and position rule; unsteered and steered generations side by side, redrawn from Python"
     def __init__(self, model, vectors:dict, prompt:str="I think this film is", max_new_tokens:int=20,
-                 coeff:float=4.0, coeff_max:float=10.0, pos=None, layer:int|None=None):
-        if not vectors: raise ValueError("Give at least one steering vector: {name: SteeringVector}.")
+                 coeff:float|None=None,      # None: a quarter of ‖resid‖/‖v‖ at the layer, measured on `prompt`
+                 coeff_max:float|None=None,  # the slider spans ±coeff_max; None: that ratio
+                 pos=None, layer:int|None=None):
+        if not isinstance(vectors, dict) or not vectors: raise ValueError("Give at least one steering vector: {name: SteeringVector}.")
         bad = [k for k, v in vectors.items() if not isinstance(v, SteeringVector)]
         if bad: raise TypeError(f"Every value of `vectors` must be a SteeringVector; {bad[0]!r} is a {type(vectors[bad[0]]).__name__}.")
         if not any(v == pos and type(v) is type(pos) for v in _RULES.values()):
             raise ValueError(f"`pos` must be one of {list(_RULES.values())} here.")
+        if coeff is not None: coeff = _number(coeff)
+        if coeff_max is not None and _number(coeff_max, "coeff_max") <= 0: raise ValueError(f"coeff_max must be > 0, not {coeff_max!r}.")
         self.model, self.vectors, self.max_new_tokens = model, {str(k): v for k, v in vectors.items()}, max_new_tokens
         self._unsteered, self._quiet, self.result, self.error = {}, False, None, None
+        self._auto = (coeff is None, coeff_max is None)
         name = next(iter(self.vectors)); ls = self.vectors[name].layers
         l0 = ls[len(ls) // 2] if layer is None else _check_layer(self.vectors[name], layer)
-        cm = max(float(coeff_max), abs(float(coeff)))
+        self.resid_norms = _resid_norms(model, prompt, {(v.hook, l) for v in self.vectors.values() for l in v.layers})
+        _, c0, m0 = self._scale(name, l0)
+        coeff = c0 if coeff is None else coeff
+        cm = max(m0 if coeff_max is None else float(coeff_max), abs(coeff))
         self.prompt = widgets.Textarea(value=prompt, description="Prompt", continuous_update=False, layout=widgets.Layout(width="560px", height="56px"))
         self.vector = widgets.Dropdown(options=list(self.vectors), value=name, description="Vector")
         self.layer = widgets.IntSlider(value=l0, min=ls[0], max=ls[-1], description="Layer", continuous_update=False)
-        self.coeff = widgets.FloatSlider(value=float(coeff), min=-cm, max=cm, step=cm / 100, description="Coefficient", continuous_update=False, readout_format=".3g")
+        self.coeff = widgets.FloatSlider(value=coeff, min=-cm, max=cm, step=cm / 100, description="Coefficient", continuous_update=False, readout_format=".3g")
+        self.ratio_note = widgets.HTML()
         self.pos = widgets.Dropdown(options=list(_RULES), value=_rule_name(pos), description="Positions")
         self.button = widgets.Button(description="Generate", tooltip="regenerate both runs")
         self.status = widgets.HTML()
@@ -44,18 +70,48 @@ class SteeringPlayground(widgets.VBox):
         self.vector.observe(self._on_vector, "value")
         for w in (self.prompt, self.layer, self.coeff, self.pos): w.observe(self._on_change, "value")
         self.button.on_click(lambda b: self.generate(fresh=True))
-        super().__init__([self.prompt, widgets.HBox([self.vector, self.pos]), widgets.HBox([self.layer, self.coeff]),
+        super().__init__([self.prompt, widgets.HBox([self.vector, self.pos]), widgets.HBox([self.layer, self.coeff, self.ratio_note]),
                           widgets.HBox([self.button, self.status]), self.view])
+        self._show_layer()
         self.generate()
 
+    def _scale(self, name:str, l:int)->tuple:
+        "(ratio ‖resid‖/‖v‖ or None, default coefficient, slider half-range) for vector `name` at layer `l`"
+        sv = self.vectors[name]
+        if (sv.hook, l) not in self.resid_norms: self.resid_norms.update(_resid_norms(self.model, self.prompt.value, [(sv.hook, l)]))
+        return _scale(self.resid_norms[(sv.hook, l)], sv.norms()[l])
+
+    @property
+    def ratio(self)->float|None:
+        "‖resid‖ / ‖v‖ at the current vector and layer: the coefficient whose push is as large as the residual stream"
+        return self._scale(self.vector.value, self.layer.value)[0]
+
+    def _show_layer(self):
+        self.layer.layout.display = "none" if len(self.vectors[self.vector.value].layers) == 1 else None   # nothing to choose
+
+    def _note(self)->str:
+        sv, l = self.vectors[self.vector.value], self.layer.value
+        r, n = self.ratio, self.resid_norms[(sv.hook, l)]
+        if r is None: return f"<span style='font-size:12px'>‖v‖ = 0 at L{l}: no scale to go by</span>"
+        return (f"<span class='hs-ratio' style='font-size:12px' title='mean L2 norm of the residual stream over the prompt, first token left out'>"
+                f"‖resid‖/‖v‖ = {r:.3g} at L{l} ({n:.3g} / {sv.norms()[l]:.3g}) · coeff = {self.coeff.value / r:.2g} × ratio</span>")
+
     def _on_vector(self, change):
-        ls = self.vectors[self.vector.value].layers
+        name = self.vector.value; ls = self.vectors[name].layers
         self._quiet = True
         try:
             with self.layer.hold_trait_notifications():
                 self.layer.min, self.layer.max = ls[0], ls[-1]
                 self.layer.value = min(ls, key=lambda l: abs(l - self.layer.value))
+            _, c0, m0 = self._scale(name, self.layer.value)
+            if self._auto[1]:                                              # a new vector: the slider follows its scale
+                cm = max(m0, abs(self.coeff.value) if not self._auto[0] else 0.)
+                lo, hi = (("max", cm), ("min", -cm)) if cm >= self.coeff.max else (("min", -cm), ("max", cm))
+                for k, v in (lo, hi): setattr(self.coeff, k, v)
+                self.coeff.step = cm / 100
+            if self._auto[0]: self.coeff.value = c0
         finally: self._quiet = False
+        self._show_layer()
         self.generate()
 
     def _on_change(self, change):
@@ -73,6 +129,7 @@ class SteeringPlayground(widgets.VBox):
         self.status.value = "<span style='font-size:12px'>generating…</span>"
         t = time.time()
         try:
+            self.ratio_note.value = self._note()
             self.result = _steer_generate(self.model, self.prompt.value, sv, self.layer.value, self.coeff.value,
                                           _RULES[self.pos.value], self.max_new_tokens, self._unsteered.get(key))
             self._unsteered[key] = self.result["unsteered_ids"]
