@@ -17,7 +17,7 @@ _LAZY = {
     "causal.lens": ["top_predictions", "logit_lens"],
     "heads.stats": ["attention_stats"],
     "heads.patterns": ["pattern_scores"],
-    "heads.retrieval": ["retrieval_scores"],
+    "heads.retrieval": ["retrieval_scores", "greedy_decode"],
     "heads.causal": ["ablation_scores", "head_dla"],
     "heads.census": ["head_census", "HeadCensus"],
     "data.needles": ["needle_tasks", "repeated_tokens", "text_tokens"],

@@ -16,7 +16,7 @@ from headscope.tokens import single_token_ids
 from headscope.data.needles import text_tokens, repeated_tokens, needle_tasks
 from headscope.heads.stats import AttentionStats, attention_stats, stats_from_pattern, STAT_NAMES
 from headscope.heads.patterns import pattern_scores, _pattern_reference, PATTERN_SCORES
-from headscope.heads.retrieval import retrieval_scores, _greedy
+from headscope.heads.retrieval import retrieval_scores, greedy_decode as _greedy
 from headscope.heads.causal import head_dla, ablation_scores, _nll
 from headscope.heads.census import head_census, HeadCensus
 from headscope.results import Top

@@ -52,8 +52,7 @@ def targets_for(model:nn.Module, kind:str, n_pos:int, pos=-1, layers=None)->tupl
     return ts, shape, axes, index
 
 # %% ../../nbs/21_causal.patching.ipynb #d1430301
-def _pos_axis(dims):  return dims.index("q_pos") if "q_pos" in dims else dims.index("pos")
-def _head_axis(dims): return dims.index("head") if "head" in dims else (dims.index("kv_head") if "kv_head" in dims else None)
+from ..interventions import _pos_axis, _head_axis   # a hook point's position and head axes, from its dims (one definition)
 
 def _restorer(group:list, clean:Tensor, K:int, n_pos:int):
     "Hook function writing `clean` `[B ...]` into the rows of `group` = [(g, Target)]"

@@ -14,10 +14,10 @@ from ..data.needles import needle_tasks
 from .stats import attention_stats, max_positions
 
 # %% auto #0
-__all__ = ['RetrievalResult', 'retrieval_scores']
+__all__ = ['greedy_decode', 'RetrievalResult', 'retrieval_scores']
 
 # %% ../../nbs/12_heads.retrieval.ipynb #febd7acc
-def _greedy(model, ids:Tensor, steps:int, on_step=None, fwd_hooks=())->list[int]:
+def greedy_decode(model, ids:Tensor, steps:int, on_step=None, fwd_hooks=())->list[int]:
     "Greedy decoding with a KV cache; `on_step(layer, stats, token)` sees the attention row that chose each new token"
     L = model_dims(model).n_layers
     cur = {}
@@ -60,7 +60,7 @@ def retrieval_scores(model:nn.Module,
         def on_step(l, st, tok):   # st: [1 head 1]; a hit: the arg-max key is a needle position holding the token chosen
             j = st.argmax[0, :, 0]
             hit[l] |= ((pos[None] == j[:, None]) & (nid[None] == tok)).cpu()
-        gen = _greedy(model, t.ids, len(nid) + 2, on_step, fwd_hooks)
+        gen = greedy_decode(model, t.ids, len(nid) + 2, on_step, fwd_hooks)
         total += hit.double().sum(-1) / len(nid)
         acc.append(float(gen[:len(nid)] == t.answer_ids.tolist()))
         gens.append(gen)
