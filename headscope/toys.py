@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 from .models import byte_tokenizer
 from .hooking import hooks, ablate
+from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['SYMBOLS', 'repeated_symbols', 'random_symbols', 'copy_losses', 'ZeroMLP', 'attn_only_model', 'train_induction']
@@ -77,6 +78,7 @@ def train_induction(seed:int=2,             # seed of the weights and of the dat
                     n_heads:int=4,          # heads per layer
                     every:int=25,           # call `on_log` every `every` steps (and after the last)
                     on_log=None,            # `on_log(model, step, fwd_hooks) -> dict|None`, run under no_grad
+                    progress:bool=True,     # a progress bar over the steps
                    )->tuple:                # (model in eval mode, list of the dicts `on_log` returned)
     "Train `attn_only_model(seed)` on `[BOS] r r` with Adam, on one thread (bit-reproducible)"
     model, g = attn_only_model(seed, n_heads), torch.Generator().manual_seed(seed)
@@ -85,7 +87,7 @@ def train_induction(seed:int=2,             # seed of the weights and of the dat
     log, n_threads = [], torch.get_num_threads()
     torch.set_num_threads(1)   # tiny matrices: one thread beats two, and runs are reproducible bit for bit
     try:
-        for step in range(steps + 1):
+        for step in tqdm(range(steps + 1), desc="training", disable=not progress, leave=False):
             if on_log is not None and (step % every == 0 or step == steps):
                 with torch.no_grad(), hooks(model, fwd): row = on_log(model, step, fwd)
                 if row is not None: log.append(row)
