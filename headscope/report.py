@@ -61,11 +61,13 @@ def _section(title:str, note:str, body:str)->str:
     return f"<section><h2>{title}</h2>" + (f"<p class='note'>{note}</p>" if note else "") + f"<div class='card'>{body}</div></section>"
 
 # %% ../nbs/70_report.ipynb #48ae0feb
-def REPORT_CENSUS(model)->dict:
-    "The small inputs a report's census runs on"
+def REPORT_CENSUS(model, prompt_ids:Tensor|None=None)->dict:   # prompt_ids: [1 pos], the report's prompt
+    "The small inputs a report's census runs on: ablation on the prompt itself when it has a next token to score"
     tok, n = model.tokenizer, max_positions(model) or 4096
-    return dict(text=text_tokens(tok, 4, min(128, n)), repeated=repeated_tokens(tok, 4, min(32, (n - 1) // 2)),
-                tasks=needle_tasks(tok, n=3, haystack_len=192, max_len=n), ablation_text=text_tokens(tok, 2, min(64, n), seed=1), modes=("zero",))
+    abl = prompt_ids[:, -128:] if prompt_ids is not None else text_tokens(tok, 2, min(64, n), seed=1)
+    return dict(text=text_tokens(tok, 4, min(128, n)), repeated=repeated_tokens(tok, 4, min(16, (n - 1) // 2)),
+                tasks=needle_tasks(tok, n=3, haystack_len=192, max_len=n), ablation_text=abl, modes=("zero",),
+                ablation_final=prompt_ids is not None)
 
 def _role_gallery(model, census:HeadCensus, toks:list, pats:Tensor, per_role:int=3)->str:
     "Static pictures of each role's strongest heads"
@@ -117,10 +119,15 @@ def report_html(model:nn.Module,
     top, p_top = preds.tokens[0][0], float(preds.probs[0, 0])
     cen_html, cen_note = "", ""
     if census is not False:
-        if census is True: census = head_census(model, prompt=prompt, answer=[int(preds.ids[0, 0])], progress=progress, **REPORT_CENSUS(model))
+        if census is True:
+            census = head_census(model, prompt=prompt, answer=[int(preds.ids[0, 0])], progress=progress,
+                                 **REPORT_CENSUS(model, x["input_ids"].cpu()))
+            census.extra["ablation_on"] = f"this prompt, read at its final position"
         pats = torch.stack([cache["pattern", l][0] for l in range(L)])
         cen_html = census.to_html(tokens=toks, patterns=pats) + _role_gallery(model, census, toks, pats)
+        abl = census.extra.get("ablation_on", "generated text")
         cen_note = ("Every head scored on generated inputs (formulas under each score's name in the heatmap); "
+                    f"`loss_zero` and `kl_zero` remove each head in turn on {abl} ({census.extra.get('ablation_dtype', 'float32')} forwards); "
                     "`dla` is the direct logit attribution to the top prediction on this prompt. Click a heatmap cell to open that head "
                     "on the prompt. Roles are thresholds on one score each; a head can hold several.")
     ft = lens.first_top()

@@ -171,3 +171,47 @@ def test_census_shows_no_warnings_of_its_own(caplog):
             head_census(m, retrieval=False, modes=("zero",), n_seq=2, seq_len=16, prompt="the cat", answer="x", progress=False).to_pandas()
     finally: lg.propagate = old
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_ablation_chunks_across_layers_and_final_position(arch):
+    "Default chunking (many heads per forward, spanning layers, blocks before the first replayed) and `final=True` equal one hooked forward per head"
+    m = tiny_model(arch, n_layers=3)
+    ids = text_tokens(m.tokenizer, 2, 9)
+    got = ablation_scores(m, ids, modes=("zero",), max_tokens=5 * ids.numel(), progress=False)   # 5 heads per forward
+    fin = ablation_scores(m, ids, modes=("zero",), final=True, progress=False)
+    with torch.no_grad(): base, base_lp = _nll(m(ids).logits, ids); last = torch.log_softmax(m(ids).logits[:, -1].float(), -1)
+    top = last.argmax(-1, keepdim=True)
+    for l in range(3):
+        for h in range(model_dims(m).n_heads):
+            lg = run_with_hooks(m, ids, [(f"blocks.{l}.attn.hook_z", ablate(head=h))])
+            loss, lp = _nll(lg, ids)
+            assert abs(float(got["loss_zero"][l, h]) - float((loss - base).mean())) < 1e-5
+            assert abs(float(got["kl_zero"][l, h]) - float((base_lp.exp() * (base_lp - lp)).sum(-1).mean())) < 1e-5
+            q = torch.log_softmax(lg[:, -1].float(), -1)
+            assert abs(float(fin["kl_zero"][l, h]) - float((last.exp() * (last - q)).sum(-1).mean())) < 1e-5
+            assert abs(float(fin["loss_zero"][l, h]) - float((last.gather(-1, top) - q.gather(-1, top)).mean())) < 1e-5
+    assert_no_hooks(m)
+
+def test_ablation_restores_blocks_when_a_forward_raises():
+    m = tiny_model("qwen2", n_layers=2)
+    ids = text_tokens(m.tokenizer, 2, 8)
+    calls = []
+    def boom(mod, args, out):
+        calls.append(1)
+        if len(calls) > 1: raise RuntimeError("fault in an ablated forward")
+    h = m.lm_head.register_forward_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="fault"): ablation_scores(m, ids, modes=("zero",), progress=False)
+    finally: h.remove()
+    from headscope.arch import blocks
+    assert all("forward" not in b.__dict__ for b in blocks(m))
+    ref = ablation_scores(m, ids, modes=("zero",), max_rows=2, progress=False)     # and the model still computes
+    assert torch.isfinite(ref["kl_zero"]).all()
+
+def test_batched_retrieval_equals_one_task_at_a_time():
+    m = tiny_model("llama", n_layers=2)
+    tasks = needle_tasks(m.tokenizer, n=3, haystack_len=24, seed=3)
+    r = retrieval_scores(m, tasks, progress=False)
+    one = [retrieval_scores(m, [t], progress=False) for t in tasks]
+    assert torch.allclose(r.scores, sum(o.scores for o in one) / 3, atol=1e-6)
+    assert r.generated == [o.generated[0] for o in one] and r.accuracy.tolist() == [float(o.accuracy[0]) for o in one]

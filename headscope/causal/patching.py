@@ -89,8 +89,8 @@ def _patched_logits(model, corrupt:dict, clean_acts:dict, chunk:list, n_pos:int,
             return _last_logits(forward(model, x, **_keep_last(model)))
         cache = copy.deepcopy(past)
         cache.batch_repeat_interleave(K)
-        last = corrupt["input_ids"][:, -1:].repeat_interleave(K, 0)
-        return _last_logits(model(input_ids=last, use_cache=True, **{_cache_kw(model): cache}))
+        rest = corrupt["input_ids"][:, cache.get_seq_length():].repeat_interleave(K, 0)   # the tokens after the cached prefix
+        return _last_logits(model(input_ids=rest, use_cache=True, **_keep_last(model), **{_cache_kw(model): cache}))
 
 # %% ../../nbs/21_causal.patching.ipynb #f6c71ab8
 @dataclass
@@ -122,7 +122,7 @@ def activation_patching(model:nn.Module,
                         pos=-1,                  # int, None (all at once) or "each"
                         layers=None,             # default: every layer
                         batch_size:int=64,       # patched runs per forward (each holds every prompt pair)
-                        reuse_prefix:bool=True,  # final-position-only patches reuse the corrupted prefix's KV cache
+                        reuse_prefix:bool=True,  # patches at position p reuse the corrupted prompt's KV cache of positions < p
                         progress:bool=True,
                        )->PatchingResult:
     "Restore each clean activation of a grid into the corrupted run and measure the normalised `metric`"
@@ -131,23 +131,29 @@ def activation_patching(model:nn.Module,
     ts, shape, axes, index = targets_for(model, kind, n_pos, pos, layers)
     names = sorted({t.name for t in ts})
     cc = run_with_cache(model, xc, names=names)               # the clean activations and the clean baseline, one forward
-    last_only = all(t.pos == n_pos - 1 for t in ts) and reuse_prefix and n_pos > 1
+    prefix = reuse_prefix and n_pos > 1 and all(t.pos is not None for t in ts)
     with torch.no_grad():
         m_clean = check_metric(metric, cc.logits[:, -1], "Patching")   # [batch], checked before any patched run
-        if last_only:                                         # one corrupted forward: its baseline and its prefix's KV cache
+        if prefix:                                            # one corrupted forward: its baseline and the KV cache prefixes are cut from
             out = model(input_ids=xk["input_ids"], use_cache=True, **_keep_last(model))
-            past = _out_cache(out)
-            past.crop(-1)                                     # drop the final token (negative: works on transformers 4.56 and 5)
-        else: out, past = forward(model, xk, **_keep_last(model)), None
+            full = _out_cache(out)
+        else: out, full = forward(model, xk, **_keep_last(model)), None
         m_corrupt = metric(_last_logits(out))
     xk_in = {"input_ids": xk["input_ids"]}
+    by_pos = {}                                               # a patch at position p leaves positions < p as corrupted
+    for i, t in enumerate(ts): by_pos.setdefault(t.pos if prefix else None, []).append(i)
     raw = torch.empty(len(ts))
     bar = tqdm(total=len(ts), desc=f"patching {kind}", disable=not progress, leave=False)
-    for i in range(0, len(ts), batch_size):
-        chunk = ts[i:i + batch_size]
-        lg = _patched_logits(model, xk_in, cc.acts, chunk, n_pos, past)
-        raw[i:i + len(chunk)] = metric(lg).view(-1, len(chunk)).mean(0).cpu()
-        bar.update(len(chunk))
+    for p, idx in by_pos.items():
+        past = None
+        if prefix and p > 0:
+            past = copy.deepcopy(full)
+            past.crop(p - n_pos)                              # keep positions < p (negative: transformers 5 refuses a length)
+        for i in range(0, len(idx), batch_size):
+            chunk = idx[i:i + batch_size]
+            lg = _patched_logits(model, xk_in, cc.acts, [ts[j] for j in chunk], n_pos, past)
+            raw[chunk] = metric(lg).view(-1, len(chunk)).mean(0).cpu()
+            bar.update(len(chunk))
     bar.close()
     raw = raw.view(shape)
     tok = getattr(model, "tokenizer", None)

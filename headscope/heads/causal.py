@@ -7,12 +7,14 @@ from __future__ import annotations
 import torch
 from torch import nn, Tensor
 from tqdm.auto import tqdm
-from ..arch import model_dims
+import contextlib
+from pathlib import Path
+from ..arch import model_dims, blocks
 from ..hooking import hooks, forward, _keep_last
 from ..data.needles import text_tokens
 
 # %% auto #0
-__all__ = ['ablation_scores', 'head_dla']
+__all__ = ['bf16_is_fast', 'ablation_scores', 'head_dla']
 
 # %% ../../nbs/13_heads.causal.ipynb #ad9df8c8
 def _head_means(model, ids:Tensor, batch_size:int=8)->Tensor:
@@ -35,10 +37,51 @@ def _nll(logits, ids):
     return -lp.gather(-1, ids[:, 1:, None].to(lp.device))[..., 0], lp
 
 # %% ../../nbs/13_heads.causal.ipynb #4010b1e1
+class _BlocksReplay:
+    "Context: blocks `0..upto-1` return their recorded outputs (repeated `K` times along the batch) instead of computing"
+    def __init__(self, model, outs:dict, upto:int, K:int): self.bs, self.outs, self.upto, self.K = blocks(model), outs, upto, K
+    @staticmethod
+    def _rep(o, K):
+        if torch.is_tensor(o): return o.repeat(K, *[1] * (o.ndim - 1))
+        return tuple(_BlocksReplay._rep(t, K) for t in o) if isinstance(o, tuple) else o
+    def __enter__(self):
+        for j in range(self.upto):
+            o = self._rep(self.outs[j], self.K)
+            self.bs[j].forward = lambda *a, _o=o, **k: _o        # an instance attribute shadows the class's forward
+        return self
+    def __exit__(self, *exc):
+        for j in range(self.upto): self.bs[j].__dict__.pop("forward", None)
+
+def _record_blocks(model, x:dict)->tuple:
+    "Logits of one forward of `x`, and every block's raw output `{layer: output}`"
+    outs, hs = {}, [b.register_forward_hook(lambda m, a, o, j=j: outs.__setitem__(j, o)) for j, b in enumerate(blocks(model))]
+    try:
+        with torch.no_grad(): return forward(model, x).logits, outs
+    finally:
+        for h in hs: h.remove()
+
+def bf16_is_fast(device)->bool:
+    "Whether bfloat16 matmuls run natively on `device`: a CUDA GPU that supports them, or a CPU with AVX512-BF16 or AMX-BF16"
+    device = torch.device(device)
+    if device.type == "cuda": return torch.cuda.is_bf16_supported()
+    if device.type != "cpu": return False
+    try: flags = Path("/proc/cpuinfo").read_text()
+    except OSError: return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+def _autocast(model, dtype):
+    "Autocast to `dtype` on the model's device, or nothing when `dtype` is None or already the model's"
+    if dtype is None or dtype == next(model.parameters()).dtype: return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
+
+# %% ../../nbs/13_heads.causal.ipynb #182e6c3c
 def ablation_scores(model:nn.Module,
                     text:Tensor|str|None=None,   # [batch pos] token ids or a string; None: 4 windows of 64 tokens of `default_text()`
                     modes=("zero", "mean"),      # "zero" and/or "mean" ablation
-                    max_rows:int=16,             # sequences per forward (heads are spread over the batch)
+                    max_rows:int|None=None,      # at most this many sequences per forward (heads are spread over the batch)
+                    max_tokens:int=1024,         # tokens per forward: heads per forward = max_tokens // text.numel()
+                    dtype:torch.dtype|None=None, # None: the model's own (exact); torch.bfloat16: forwards under autocast
+                    final:bool=False,            # score the final position only; its "loss" is -log p(the clean top prediction)
                     progress:bool=True,
                    )->dict:                      # "loss_<mode>", "kl_<mode>" -> [layer head]
     "Loss and KL change when each head's output `z` is removed, one head at a time"
@@ -47,30 +90,45 @@ def ablation_scores(model:nn.Module,
     ids = text_tokens(model.tokenizer, 4, 64, text=text) if text is None or isinstance(text, str) else torch.as_tensor(text)
     bad = set(modes) - {"zero", "mean"}
     if bad: raise ValueError(f"Unknown ablation mode(s) {sorted(bad)}: use 'zero' and/or 'mean'.")
-    B = len(ids)
-    with torch.no_grad(): clean_loss, clean_lp = _nll(forward(model, {"input_ids": ids.to(model.device)}).logits, ids)
+    if dtype not in (None, torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be None (the model's), torch.float32, torch.float64, torch.bfloat16 or torch.float16, not {dtype!r}.")
+    B, x = len(ids), {"input_ids": ids.to(model.device)}
+    with _autocast(model, dtype): lg, outs = _record_blocks(model, x)
+    if final: lg = lg[:, -1:].float(); tgt = lg.argmax(-1, keepdim=True)          # [batch 1 1]: the prediction itself
+    else: lg, tgt = lg[:, :-1].float(), x["input_ids"][:, 1:, None]                # next tokens
+    lse = torch.logsumexp(lg, -1)
+    clean_lp = lg - lse[..., None]                                        # [batch pos-1 d_vocab]
+    p = clean_lp.exp()
+    clean_loss = -clean_lp.gather(-1, tgt)[..., 0]                        # [batch pos-1]
     means = _head_means(model, ids) if "mean" in modes else None
-    per = max(1, max_rows // B)                         # heads per forward
+    per = max(1, max_tokens // ids.numel())                               # heads per forward
+    if max_rows is not None: per = max(1, min(per, max_rows // B))
+    cells = [(l, h) for l in range(L) for h in range(H)]                  # layer order: a forward starts at its first layer
     out = {f"{k}_{mode}": torch.zeros(L, H) for mode in modes for k in ("loss", "kl")}
     bar = tqdm(total=L * H * len(modes), desc="ablating heads", disable=not progress, leave=False)
     for mode in modes:
-        for l in range(L):
-            for h0 in range(0, H, per):
-                hs = list(range(h0, min(h0 + per, H)))
-                def knock(z, hook, hs=hs):
-                    z = z.clone().view(len(hs), B, *z.shape[1:])
-                    for i, h in enumerate(hs):
-                        z[i, :, :, h] = 0 if mode == "zero" else means[l, h].to(z)
+        for c0 in range(0, len(cells), per):
+            chunk = cells[c0:c0 + per]; K = len(chunk)
+            by_layer = {}
+            for i, (l, h) in enumerate(chunk): by_layer.setdefault(l, []).append((i, h))
+            def knock(l):
+                def f(z, hook):
+                    z = z.clone().view(K, B, *z.shape[1:])
+                    for i, h in by_layer[l]: z[i, :, :, h] = 0 if mode == "zero" else means[l, h].to(z)
                     return z.view(-1, *z.shape[2:])
-                x = {"input_ids": ids.repeat(len(hs), 1).to(model.device)}
-                with torch.no_grad(), hooks(model, [(f"blocks.{l}.attn.hook_z", knock)]):
-                    loss, lp = _nll(forward(model, x).logits, x["input_ids"])
-                loss, lp = loss.view(len(hs), B, -1), lp.view(len(hs), B, *lp.shape[1:])
-                kl = (clean_lp.exp()[None] * (clean_lp[None] - lp)).sum(-1)       # [heads batch pos]
-                for i, h in enumerate(hs):
-                    out[f"loss_{mode}"][l, h] = float((loss[i] - clean_loss).mean())
-                    out[f"kl_{mode}"][l, h] = float(kl[i].mean())
-                bar.update(len(hs))
+                return f
+            xk = {"input_ids": x["input_ids"].repeat(K, 1)}
+            fns = [(f"blocks.{l}.attn.hook_z", knock(l)) for l in by_layer]
+            with torch.no_grad(), _autocast(model, dtype), _BlocksReplay(model, outs, chunk[0][0], K), hooks(model, fns):
+                a = forward(model, xk, **(_keep_last(model) if final else {})).logits
+            a = (a[:, -1:] if final else a[:, :-1]).float().view(K, B, *lg.shape[1:])
+            a_lse = torch.logsumexp(a, -1)                                # [K batch pos-1]
+            loss = a_lse - a.gather(-1, tgt[None].expand(K, -1, -1, -1))[..., 0]
+            kl = (p[None] * (clean_lp[None] - (a - a_lse[..., None]))).sum(-1)   # Σ p (log p - log q), term by term
+            for i, (l, h) in enumerate(chunk):
+                out[f"loss_{mode}"][l, h] = float((loss[i] - clean_loss).mean())
+                out[f"kl_{mode}"][l, h] = float(kl[i].mean())
+            bar.update(K)
     bar.close()
     return out
 

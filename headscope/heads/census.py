@@ -11,7 +11,7 @@ from ..arch import model_dims
 from ..results import ScoreGrid, Top
 from .patterns import PATTERN_SCORES, pattern_scores
 from .retrieval import retrieval_scores
-from .causal import ablation_scores, head_dla
+from .causal import ablation_scores, head_dla, bf16_is_fast
 
 # %% auto #0
 __all__ = ['CAUSAL_SCORES', 'SCORE_DESCRIPTIONS', 'DEFAULT_ROLES', 'HeadCensus', 'head_census']
@@ -140,6 +140,8 @@ def head_census(model:nn.Module,
                 prompt=None, answer=None, wrong=None,   # for `dla` (skipped without them)
                 n_seq:int=8, seq_len:int=128,
                 q_chunk:int=256, k_chunk:int=1024,
+                ablation_dtype="auto",   # "auto": bf16 autocast where bf16 is native (`bf16_is_fast`) and the model is fp32; None: exact
+                ablation_final:bool=False,   # score ablations at the final position of `ablation_text` only (see `ablation_scores`)
                 progress:bool=True,
                )->HeadCensus:
     "Pattern, retrieval, ablation and DLA scores of every head, gathered into one `HeadCensus`"
@@ -150,8 +152,20 @@ def head_census(model:nn.Module,
         r = retrieval_scores(model, tasks, progress=progress)
         scores["retrieval"] = r.scores
         extra["retrieval_accuracy"] = float(r.accuracy.mean())
-    if modes: scores.update(ablation_scores(model, ablation_text, modes=modes, progress=progress))
+    desc = dict(SCORE_DESCRIPTIONS)
+    if modes:
+        p = next(model.parameters())
+        dt = (torch.bfloat16 if p.dtype == torch.float32 and bf16_is_fast(p.device) else None) if ablation_dtype == "auto" else ablation_dtype
+        scores.update(ablation_scores(model, ablation_text, modes=modes, dtype=dt, final=ablation_final, progress=progress))
+        if ablation_final:
+            for mode in modes:
+                how = "set to 0" if mode == "zero" else "replaced by its mean"
+                desc[f"loss_{mode}"] = f"rise of -log p(the clean top prediction) at the final position with the head's z {how} (nats)"
+                desc[f"kl_{mode}"] = f"KL(p_clean || p_ablated) of the next token at the final position, the head's z {how}"
+        extra["ablation_dtype"] = str(dt or p.dtype).replace("torch.", "")
+        if dt is not None and dt != p.dtype:       # say so where the scores are read
+            for k in [k for k in scores if k.startswith(("loss_", "kl_"))]: desc[k] += f" · forwards under {extra['ablation_dtype']} autocast (ablation_dtype=None: exact)"
     if prompt is not None and answer is not None: scores["dla"] = head_dla(model, prompt, answer, wrong)
     name = getattr(model.config, "_name_or_path", "") or model.config.model_type
-    return HeadCensus(scores, dims.n_kv_heads, model_name=str(name).rstrip("/").split("/")[-1], extra=extra,
+    return HeadCensus(scores, dims.n_kv_heads, model_name=str(name).rstrip("/").split("/")[-1], descriptions=desc, extra=extra,
                       index={"layer": list(range(dims.n_layers)), "head": list(range(dims.n_heads))})

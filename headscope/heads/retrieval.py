@@ -9,7 +9,7 @@ import torch
 from torch import nn, Tensor
 from tqdm.auto import tqdm
 from ..arch import model_dims
-from ..hooking import hooks, kv_cache_name, kv_cache_of
+from ..hooking import hooks, kv_cache_name, kv_cache_of, _keep_last
 from ..data.needles import needle_tasks
 from .stats import attention_stats, max_positions
 
@@ -17,8 +17,11 @@ from .stats import attention_stats, max_positions
 __all__ = ['greedy_decode', 'RetrievalResult', 'retrieval_scores']
 
 # %% ../../nbs/12_heads.retrieval.ipynb #febd7acc
-def greedy_decode(model, ids:Tensor, steps:int, on_step=None, fwd_hooks=())->list[int]:
+def greedy_decode(model, ids:Tensor, steps:int, on_step=None, fwd_hooks=()):
     "Greedy decoding with a KV cache; `on_step(layer, stats, token)` sees the attention row that chose each new token"
+    # ids: [pos] -> list of ints, tokens as ints; or [batch pos] rows of one length (no padding) -> one list per row,
+    # tokens as a `[batch]` tensor; stats are `[batch head 1]` either way
+    one = ids.ndim == 1
     L = model_dims(model).n_layers
     cur = {}
     def obs(l):
@@ -26,17 +29,18 @@ def greedy_decode(model, ids:Tensor, steps:int, on_step=None, fwd_hooks=())->lis
             last = None if mask is None else mask[:, :, -1:]
             cur[l] = attention_stats(q[:, :, -1:], k, last, kw.get("scaling"), kw.get("softcap"))
         return f
-    out, past, x = [], None, ids[None].to(model.device)
+    out, past, x = [], None, (ids[None] if one else ids).to(model.device)
     with torch.no_grad(), hooks(model, fwd_hooks, observe={l: obs(l) for l in range(L)} if on_step else None):
         for s in range(steps):
             cur.clear()
-            o = model(input_ids=x, use_cache=True, **({kv_cache_name(model): past} if past is not None else {}))
-            nxt = int(o.logits[0, -1].argmax())
+            o = model(input_ids=x, use_cache=True, **_keep_last(model), **({kv_cache_name(model): past} if past is not None else {}))
+            nxt = o.logits[:, -1].argmax(-1)                      # [batch]
             out.append(nxt)
             if on_step is not None:
-                for l in range(L): on_step(l, cur[l], nxt)
-            past, x = kv_cache_of(o), torch.tensor([[nxt]], device=model.device)
-    return out
+                for l in range(L): on_step(l, cur[l], int(nxt[0]) if one else nxt)
+            past, x = kv_cache_of(o), nxt[:, None]
+    gen = torch.stack(out, 1).tolist() if out else [[] for _ in range(len(x))]
+    return gen[0] if one else gen
 
 # %% ../../nbs/12_heads.retrieval.ipynb #d804261c
 @dataclass
@@ -47,21 +51,30 @@ class RetrievalResult:
 def retrieval_scores(model:nn.Module,
                      tasks:list|None=None,   # `NeedleTask`s; default `needle_tasks(model.tokenizer)`
                      fwd_hooks=(),           # e.g. head ablations, to see copying without some heads
+                     batch_size:int=8,       # tasks of one length decoded together
                      progress:bool=True,
                     )->RetrievalResult:
     "Copy-paste retrieval score of every head (Wu et al., 2024) and the exact-copy accuracy of each task"
     dims = model_dims(model)
     tasks = needle_tasks(model.tokenizer, max_len=max_positions(model)) if tasks is None else tasks
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1 (tasks decoded together), got {batch_size!r}.")
     total = torch.zeros(dims.n_layers, dims.n_heads, dtype=torch.float64)
-    acc, gens = [], []
-    for t in tqdm(tasks, desc="needles", disable=not progress, leave=False):
-        pos, nid = t.needle_pos.to(model.device), t.needle_ids.to(model.device)
-        hit = torch.zeros(dims.n_layers, dims.n_heads, len(nid), dtype=torch.bool)
-        def on_step(l, st, tok):   # st: [1 head 1]; a hit: the arg-max key is a needle position holding the token chosen
-            j = st.argmax[0, :, 0]
-            hit[l] |= ((pos[None] == j[:, None]) & (nid[None] == tok)).cpu()
-        gen = greedy_decode(model, t.ids, len(nid) + 2, on_step, fwd_hooks)
-        total += hit.double().sum(-1) / len(nid)
-        acc.append(float(gen[:len(nid)] == t.answer_ids.tolist()))
-        gens.append(gen)
+    acc, gens = [None] * len(tasks), [None] * len(tasks)
+    groups = {}                                  # same prompt and needle length: one batch, no padding
+    for i, t in enumerate(tasks): groups.setdefault((len(t.ids), len(t.needle_ids)), []).append(i)
+    batches = [g[j:j + batch_size] for g in groups.values() for j in range(0, len(g), batch_size)]
+    bar = tqdm(total=len(tasks), desc="needles", disable=not progress, leave=False)
+    for b in batches:
+        pos = torch.stack([tasks[i].needle_pos for i in b]).to(model.device)   # [batch needle]
+        nid = torch.stack([tasks[i].needle_ids for i in b]).to(model.device)
+        hit = torch.zeros(len(b), dims.n_layers, dims.n_heads, nid.shape[1], dtype=torch.bool)
+        def on_step(l, st, tok):   # st: [batch head 1]; a hit: the arg-max key is a needle position holding the token chosen
+            j = st.argmax[:, :, 0]                                              # [batch head]
+            hit[:, l] |= ((pos[:, None] == j[..., None]) & (nid[:, None] == tok[:, None, None])).cpu()
+        out = greedy_decode(model, torch.stack([tasks[i].ids for i in b]), nid.shape[1] + 2, on_step, fwd_hooks)
+        total += (hit.double().sum(-1) / nid.shape[1]).sum(0)
+        for r, i in enumerate(b): acc[i], gens[i] = float(out[r][:nid.shape[1]] == tasks[i].answer_ids.tolist()), out[r]
+        bar.update(len(b))
+    bar.close()
     return RetrievalResult(scores=(total / max(len(tasks), 1)).float(), accuracy=torch.tensor(acc), generated=gens)
