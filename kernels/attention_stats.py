@@ -60,8 +60,8 @@ def _check(q, k, v, mask, targets, gates):
     if v is not None and v.shape != k.shape: raise ValueError(f"v {tuple(v.shape)} must have k's shape {tuple(k.shape)}")
     if mask is not None and (mask.ndim != 4 or mask.shape[0] not in (1, b) or mask.shape[1] != 1 or mask.shape[2:] != (nq, nk)):
         raise ValueError(f"mask must be [batch|1 1 q_pos k_pos] = [{b}|1 1 {nq} {nk}], got {tuple(mask.shape)}")
-    if targets is not None and tuple(targets.shape) != (b, nq):
-        raise ValueError(f"targets must be [batch q_pos] = [{b} {nq}], got {tuple(targets.shape)}")
+    if targets is not None and not (tuple(targets.shape) == (b, nq) or (targets.ndim == 3 and tuple(targets.shape[:2]) == (b, nq))):
+        raise ValueError(f"targets must be [batch q_pos] = [{b} {nq}] or [batch q_pos n_targets], got {tuple(targets.shape)}")
     if gates is not None and tuple(gates.shape) not in ((h,), (b, h)):
         raise ValueError(f"gates must be [head] = [{h}] or [batch head] = [{b} {h}], got {tuple(gates.shape)}")
     return b, h, nq, d, nkv, nk
@@ -79,14 +79,16 @@ def _finalize(raw:dict, arg:Tensor)->dict:
     Z, Zn = raw["Z"], raw["Zn"]
     nz = Zn > 0
     Zs = torch.where(nz, Zn, torch.ones_like(Zn))
-    out = {"sink": raw["sink"] / Z, "prev": raw["prev"] / Z, "target": raw["target"] / Z,
+    per = lambda x, z: x / (z[..., None] if x.ndim > z.ndim else z)       # `target` may carry a last n_targets axis
+    out = {"sink": raw["sink"] / Z, "prev": raw["prev"] / Z, "target": per(raw["target"], Z),
            "entropy": torch.log(Z) - raw["S"] / Z, "n_keys": raw["cnt"], "distance": raw["D"] / Z,
            "argmax": arg, "max_weight": 1 / Z,                                       # exp(m - m) / Z
            # renormalised without key 0; NaN where key 0 was the only key
            "entropy_nobos": torch.where(nz, torch.log(Zs) - raw["Sn"] / Zs, torch.nan),
            "distance_nobos": torch.where(nz, raw["Dn"] / Zs, torch.nan)}
     for n in ("prev", "target"):
-        out[f"{n}_nobos"] = torch.where(nz, raw[f"{n}_nobos_num"] / Zs, torch.nan)
+        x = raw[f"{n}_nobos_num"]
+        out[f"{n}_nobos"] = torch.where(nz[..., None] if x.ndim > nz.ndim else nz, per(x, Zs), torch.nan)
     return {n: out[n] for n in STAT_NAMES}
 
 def attention_with_stats_reference(q:Tensor,                  # [batch head q_pos d_head] queries (after rotary)
@@ -95,7 +97,8 @@ def attention_with_stats_reference(q:Tensor,                  # [batch head q_po
                                    mask:Tensor|None=None,     # [batch|1 1 q_pos k_pos] bool (True = attend) or additive; None = causal
                                    scaling:float|None=None,   # default d_head**-0.5
                                    softcap:float|None=None,   # Gemma 2's tanh soft-capping of the scores
-                                   targets:Tensor|None=None,  # [batch q_pos] key index per query for `target` (-1 = none)
+                                   targets:Tensor|None=None,  # [batch q_pos] key index per query for `target` (-1 = none), or
+                                                              # [batch q_pos n_targets]: `target`/`target_nobos` then end in n_targets
                                    gates:Tensor|None=None,    # [head] or [batch head] output scale per head (0 = ablate)
                                    q_chunk:int=256,           # query tile (the Triton kernel caps its tiles at 64/128)
                                    k_chunk:int=1024,          # key tile
@@ -109,7 +112,10 @@ def attention_with_stats_reference(q:Tensor,                  # [batch head q_po
     qg = q.float().reshape(b, nkv, g, nq, d)
     kf = k.float()
     vf = None if v is None else v.float()
-    tgt_all = torch.full((b, nq), -1, dtype=torch.long, device=dev) if targets is None else targets.to(dev).long()
+    many = targets is not None and targets.ndim == 3
+    tgt_all = torch.full((b, nq, 1), -1, dtype=torch.long, device=dev) if targets is None else targets.to(dev).long()
+    if not many: tgt_all = tgt_all.reshape(b, nq, 1)
+    nt = tgt_all.shape[-1]
     bm = None if mask is None else _bool_mask(mask.to(dev))
     gates = None if gates is None else gates.to(dev)
     raws, args, outs = [], [], []
@@ -118,7 +124,7 @@ def attention_with_stats_reference(q:Tensor,                  # [batch head q_po
         qi = torch.arange(q0, q1, device=dev) + off                                # absolute query positions
         tgt = {"sink": torch.zeros(b, c, dtype=torch.long, device=dev), "prev": (qi - 1).expand(b, c),
                "target": tgt_all[:, q0:q1]}
-        z = {n: torch.zeros(b, nkv, g, c, **f32) for n in _RAW}
+        z = {n: torch.zeros(b, nkv, g, c, *((nt,) if n == "target" else ()), **f32) for n in _RAW}
         m = torch.full((b, nkv, g, c), -math.inf, **f32)
         arg = torch.zeros(b, nkv, g, c, dtype=torch.long, device=dev)
         acc = None if v is None else torch.zeros(b, nkv, g, c, d, **f32)
@@ -126,43 +132,59 @@ def attention_with_stats_reference(q:Tensor,                  # [batch head q_po
         for k0 in range(0, hi, k_chunk):
             k1 = min(k0 + k_chunk, hi)
             kj = torch.arange(k0, k1, device=dev)
-            s = torch.einsum("bvgqd,bvkd->bvgqk", qg[:, :, :, q0:q1], kf[:, :, k0:k1]) * scaling
+            s = torch.einsum("bvgqd,bvkd->bvgqk", qg[:, :, :, q0:q1], kf[:, :, k0:k1]).mul_(scaling)
             if softcap is not None: s = torch.tanh(s / softcap) * softcap
-            ok = (kj[None, :] <= qi[:, None])[None, None] if bm is None else bm[:, :, q0:q1, k0:k1]
-            ok = ok[:, :, None]                                                     # [b|1 1 1 c kc]
-            s = s.masked_fill(~ok, -math.inf)
-            m_new = torch.maximum(m, s.amax(-1))
+            if bm is None:                                                          # causal: only tiles crossing the diagonal mask
+                ok = (kj[None, :] <= qi[:, None])[None, None, None] if k1 - 1 > int(qi.min()) else None
+            else: ok = bm[:, :, q0:q1, k0:k1][:, :, None]                           # [b|1 1 1 c kc]
+            if ok is not None: s.masked_fill_(~ok, -math.inf)
+            cm, ci = s.max(-1)                                                      # the tile's max and arg-max, one pass
+            m_new = torch.maximum(m, cm)
             safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
             a = torch.exp(m - safe)                                                 # rescales the old sums (0 when m was -inf)
             dm = torch.where(torch.isinf(m), torch.zeros_like(m), m - safe)
-            e = torch.exp(s - safe[..., None])                                      # masked keys: exp(-inf) = 0
-            sr = torch.where(ok, s - safe[..., None], torch.zeros_like(s))          # s - m, 0 where masked (avoids 0 * inf)
-            dist = (qi[:, None] - kj[None, :]).abs().float()
-            en = e.clone()
-            if k0 == 0: en[..., 0] = 0                                              # the row without key 0
-            z["S"] = a * (z["S"] + dm * z["Z"]) + (e * sr).sum(-1)
-            z["Sn"] = a * (z["Sn"] + dm * z["Zn"]) + (en * sr).sum(-1)
-            z["Z"] = a * z["Z"] + e.sum(-1); z["Zn"] = a * z["Zn"] + en.sum(-1)
-            z["D"] = a * z["D"] + (e * dist).sum(-1); z["Dn"] = a * z["Dn"] + (en * dist).sum(-1)
-            z["cnt"] += ok.expand_as(s).sum(-1)
-            for n, t in tgt.items():                                                 # one gathered weight per query
-                inside = (t >= k0) & (t < k1)
-                idx = (t - k0).clamp(0, k1 - k0 - 1)[:, None, None, :, None].expand(b, nkv, g, c, 1)
-                z[n] = a * z[n] + e.gather(-1, idx)[..., 0] * inside[:, None, None]
+            sr = s.sub_(safe[..., None])                                            # s - m, in place (s is not needed again)
+            e = sr.exp()                                                            # masked keys: exp(-inf) = 0
+            if ok is not None: sr.masked_fill_(~ok, 0.)                             # 0 where masked (avoids 0 * inf)
+            esr = e * sr
+            # sums without key 0 first, then key 0 added: a row whose weight sits on key 0 keeps its *_nobos precise
+            j0 = 1 if k0 == 0 else 0
+            Zr, Sr = e[..., j0:].sum(-1), esr[..., j0:].sum(-1)
+            if ok is None:                                                          # every key <= every query: Σ e (i-j) as a matvec,
+                kr = (kj[j0:] - k0).float()                                         # offsets from the tile start bound the cancellation
+                Dr = (qi - k0).float() * Zr - e[..., j0:] @ kr
+            else: Dr = (e[..., j0:] * (qi[:, None] - kj[None, j0:]).abs().float()).sum(-1)
+            if j0:
+                e0 = e[..., 0]
+                Z0, S0, D0 = Zr + e0, Sr + esr[..., 0], Dr + e0 * qi.float()
+            else: Z0, S0, D0 = Zr, Sr, Dr
+            z["S"] = a * (z["S"] + dm * z["Z"]) + S0
+            z["Sn"] = a * (z["Sn"] + dm * z["Zn"]) + Sr
+            z["Z"] = a * z["Z"] + Z0; z["Zn"] = a * z["Zn"] + Zr
+            z["D"] = a * z["D"] + D0; z["Dn"] = a * z["Dn"] + Dr
+            z["cnt"] += (k1 - k0) if ok is None else ok.sum(-1)
+            for n, t in tgt.items():                                                 # gathered weights: one per query (and target)
+                t3 = t if t.ndim == 3 else t[..., None]                              # [b c n_t]
+                inside = (t3 >= k0) & (t3 < k1)
+                idx = (t3 - k0).clamp(0, k1 - k0 - 1)[:, None, None].expand(b, nkv, g, c, t3.shape[-1])
+                w = e.gather(-1, idx) * inside[:, None, None]
+                z[n] = (a[..., None] * z[n] + w) if n == "target" else a * z[n] + w[..., 0]
             if acc is not None: acc = a[..., None] * acc + torch.einsum("bvgqk,bvkd->bvgqd", e, vf[:, :, k0:k1])
-            cm, ci = s.max(-1)
             arg = torch.where(cm > m, ci + k0, arg)
             m = m_new
         r = lambda x: x.reshape(b, h, c, *x.shape[4:])
         raw = {n: r(x) for n, x in z.items()}
-        for n in ("prev", "target"):                                                 # key 0 has no weight after renormalising
-            raw[f"{n}_nobos_num"] = raw[n] * (tgt[n] != 0)[:, None]
+        raw["prev_nobos_num"] = raw["prev"] * (tgt["prev"] != 0)[:, None]           # key 0 has no weight after renormalising
+        raw["target_nobos_num"] = raw["target"] * (tgt["target"] != 0)[:, None]
         raws.append(raw); args.append(r(arg))
         if acc is not None: outs.append(r(acc) / raw["Z"][..., None])
     cat = lambda xs: torch.cat(xs, 2) if xs else None
-    raw = {n: cat([x[n] for x in raws]) for n in raws[0]} if raws else {n: torch.empty(b, h, 0, **f32) for n in (*_RAW, "prev_nobos_num", "target_nobos_num")}
+    raw = {n: cat([x[n] for x in raws]) for n in raws[0]} if raws else {
+        n: torch.empty(b, h, 0, *((nt,) if n.startswith("target") else ()), **f32) for n in (*_RAW, "prev_nobos_num", "target_nobos_num")}
     arg = cat(args) if args else torch.empty(b, h, 0, dtype=torch.long, device=dev)
     stats = {n: x.detach() for n, x in _finalize(raw, arg).items()}   # statistics carry no gradient (as the kernel's)
+    if not many:
+        for n in ("target", "target_nobos"): stats[n] = stats[n][..., 0]
     out = None
     if v is not None:
         out = cat(outs) if outs else torch.empty(b, h, 0, d, **f32)
@@ -398,6 +420,13 @@ if has_triton():
                                     scaling:float|None=None, softcap:float|None=None, targets:Tensor|None=None,
                                     gates:Tensor|None=None, q_chunk:int=256, k_chunk:int=1024)->tuple:
         "Triton version of `attention_with_stats_reference`, same signature; the output is differentiable"
+        if targets is not None and targets.ndim == 3:                 # one launch per target column (the kernel keeps one)
+            _check(q, k, v, mask, targets, gates)
+            runs = [attention_with_stats_triton(q, k, v, mask, scaling, softcap, targets[..., i], gates, q_chunk, k_chunk)
+                    for i in range(targets.shape[-1])]
+            out, st = runs[0][0], dict(runs[0][1])
+            for n in ("target", "target_nobos"): st[n] = torch.stack([r[1][n] for r in runs], -1)
+            return out, st
         need_grad = torch.is_grad_enabled() and v is not None and any(
             t is not None and t.requires_grad for t in (q, k, v, gates))
         if not need_grad: return _launch(q, k, v, mask, scaling, softcap, targets, gates, q_chunk, k_chunk)

@@ -165,3 +165,20 @@ def test_smollm2_layer_statistics(smollm2):
         out, got = attention_with_stats(q, k, v, mask, sc, targets=tg, force="triton")
         _close(got, ref)
         torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=triton_ok)])
+def test_several_targets_in_one_call(backend):
+    "targets [batch q_pos n_targets]: target/target_nobos gain a last axis equal to one call per target column; the rest unchanged"
+    q, k, v, tg = _inputs(2, 4, 2, 21, 21, 16, seed=3)
+    tg2 = torch.stack([tg, torch.randint(-1, 21, tg.shape, generator=torch.Generator().manual_seed(4)).to(DEV).minimum(torch.arange(21, device=DEV))], -1)
+    with force_backend(backend):
+        out2, two = attention_with_stats(q, k, v, targets=tg2, q_chunk=8, k_chunk=8)
+        for j in range(2):
+            out1, one = attention_with_stats(q, k, v, targets=tg2[..., j], q_chunk=8, k_chunk=8)
+            for n in STAT_NAMES:
+                x = two[n][..., j] if n in ("target", "target_nobos") else two[n]
+                assert torch.equal(torch.isnan(x), torch.isnan(one[n])), n
+                ok = ~torch.isnan(one[n])
+                torch.testing.assert_close(x[ok].float(), one[n][ok].float(), atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(out2, out1)
+    with pytest.raises(ValueError, match="n_targets"): attention_with_stats_reference(q, k, targets=tg2[:, :5])

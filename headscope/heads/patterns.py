@@ -83,13 +83,14 @@ def pattern_scores(model:nn.Module,
     if T < 2: raise ValueError(f"`repeated` needs at least two random tokens before the repeat; got shape {tuple(repeated.shape)}.")
     i = torch.arange(n)
     second = i >= has_bos + T
-    for name, shift in (("induction", T - 1), ("duplicate", T)):
-        tg = torch.where(second, i - shift, -1).expand(len(repeated), n)
-        def red_rep(l, st, rows, name=name):
-            _mean_over(acc[l], name, l, st.target, second)
-            _mean_over(acc[l], f"{name}_nobos", l, st.target_nobos, second & (i - shift >= 1))
-        collect_stats(model, repeated, red_rep, targets=tg, batch_size=batch_size, q_chunk=q_chunk, k_chunk=k_chunk,
-                      desc=name, progress=progress)
+    shifts = {"induction": T - 1, "duplicate": T}         # both targets read in one pass over the repeated sequences
+    tg = torch.stack([torch.where(second, i - sh, -1) for sh in shifts.values()], -1).expand(len(repeated), n, len(shifts))
+    def red_rep(l, st, rows):
+        for j, (name, sh) in enumerate(shifts.items()):
+            _mean_over(acc[l], name, l, st.target[..., j], second)
+            _mean_over(acc[l], f"{name}_nobos", l, st.target_nobos[..., j], second & (i - sh >= 1))
+    collect_stats(model, repeated, red_rep, targets=tg, batch_size=batch_size, q_chunk=q_chunk, k_chunk=k_chunk,
+                  desc="repeated", progress=progress)
     return {name: torch.stack([(acc[l][name][0] / acc[l][name][1]).float() for l in range(L)]) for name in PATTERN_SCORES}
 
 # %% ../../nbs/11_heads.patterns.ipynb #7e05606d

@@ -18,7 +18,7 @@ __all__ = ['STAT_NAMES', 'AttentionStats', 'attention_stats', 'stats_from_patter
 # %% ../../nbs/10_heads.stats.ipynb #1e249058
 @dataclass
 class AttentionStats:
-    "Per-head, per-query statistics of attention rows; every field is `[batch head q_pos]`"
+    "Per-head, per-query statistics of attention rows; every field is `[batch head q_pos]` (`target*` gain a last axis for several targets)"
     sink:Tensor; prev:Tensor; target:Tensor; entropy:Tensor; n_keys:Tensor; distance:Tensor
     argmax:Tensor; max_weight:Tensor
     prev_nobos:Tensor; target_nobos:Tensor; entropy_nobos:Tensor; distance_nobos:Tensor
@@ -32,7 +32,7 @@ def attention_stats(q:Tensor,                 # [batch head q_pos d_head] querie
                     mask:Tensor|None=None,    # [batch|1 1 q_pos k_pos] bool (True = attend) or additive; None = causal
                     scaling:float|None=None,  # default d_head**-0.5
                     softcap:float|None=None,  # Gemma 2's tanh soft-capping of the scores
-                    targets:Tensor|None=None, # [batch q_pos] key index per query for `target` (-1 = none)
+                    targets:Tensor|None=None, # [batch q_pos] key index per query for `target` (-1 = none), or [batch q_pos n_targets]
                     q_chunk:int=256,
                     k_chunk:int=1024,
                    )->AttentionStats:
