@@ -100,6 +100,8 @@ def ablation_scores(model:nn.Module,
     clean_lp = lg - lse[..., None]                                        # [batch pos-1 d_vocab]
     p = clean_lp.exp()
     clean_loss = -clean_lp.gather(-1, tgt)[..., 0]                        # [batch pos-1]
+    exact = dtype is None or dtype == next(model.parameters()).dtype or dtype == torch.float64
+    neg_ent, p_sum = (p * clean_lp).sum(-1), p.sum(-1)                     # for the fused form
     means = _head_means(model, ids) if "mean" in modes else None
     per = max(1, max_tokens // ids.numel())                               # heads per forward
     if max_rows is not None: per = max(1, min(per, max_rows // B))
@@ -121,13 +123,17 @@ def ablation_scores(model:nn.Module,
             fns = [(f"blocks.{l}.attn.hook_z", knock(l)) for l in by_layer]
             with torch.no_grad(), _autocast(model, dtype), _BlocksReplay(model, outs, chunk[0][0], K), hooks(model, fns):
                 a = forward(model, xk, **(_keep_last(model) if final else {})).logits
-            a = (a[:, -1:] if final else a[:, :-1]).float().view(K, B, *lg.shape[1:])
-            a_lse = torch.logsumexp(a, -1)                                # [K batch pos-1]
-            loss = a_lse - a.gather(-1, tgt[None].expand(K, -1, -1, -1))[..., 0]
-            kl = (p[None] * (clean_lp[None] - (a - a_lse[..., None]))).sum(-1)   # Σ p (log p - log q), term by term
-            for i, (l, h) in enumerate(chunk):
-                out[f"loss_{mode}"][l, h] = float((loss[i] - clean_loss).mean())
-                out[f"kl_{mode}"][l, h] = float(kl[i].mean())
+            a = (a[:, -1:] if final else a[:, :-1]).view(K, B, *lg.shape[1:])
+            for i, (l, h) in enumerate(chunk):                            # one head at a time: its logits stay in cache
+                ai = a[i].float()                                         # [batch pos-1 d_vocab]
+                lse_i = torch.logsumexp(ai, -1)
+                loss = lse_i - ai.gather(-1, tgt)[..., 0]
+                if exact:   # Σ p (log p - log q), term by term: no cancellation between large logits
+                    kl = (p * (clean_lp - ai.sub_(lse_i[..., None]))).sum(-1)
+                else:       # Σ p log p - Σ p·a + logsumexp(a): two fused passes, rounding far below bf16's own
+                    kl = neg_ent - torch.linalg.vecdot(p, ai) + lse_i * p_sum
+                out[f"loss_{mode}"][l, h] = float((loss - clean_loss).mean())
+                out[f"kl_{mode}"][l, h] = float(kl.mean())
             bar.update(K)
     bar.close()
     return out
