@@ -18,22 +18,38 @@ def _repeat_kv(x:Tensor, n:int)->Tensor:
     b, h, s, d = x.shape
     return x[:, :, None].expand(b, h, n, s, d).reshape(b, h * n, s, d)
 
+_CAUSAL = {}   # (q_len, k_len, device) -> the positions a causal mask hides, `[q_pos k_pos]`
+
+def _hidden_positions(attention_mask, q_len:int, k_len:int, device, causal:bool):
+    "What to mask: a bool `[.. q_pos k_pos]` of hidden positions, a float bias to add, or None"
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, :k_len]
+        return mask.logical_not() if mask.dtype == torch.bool else mask
+    if not (causal and q_len > 1): return None
+    key = (q_len, k_len, str(device))
+    if key not in _CAUSAL:
+        if len(_CAUSAL) > 16: _CAUSAL.clear()
+        _CAUSAL[key] = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len).logical_not()
+    return _CAUSAL[key]
+
 def attention_pattern(module, query, key, attention_mask, scaling=None, softcap=None, on_scores=None, on_pattern=None):
     "Scores and pattern `[batch head q_pos k_pos]` as transformers' eager path computes them; `on_scores`/`on_pattern` may replace them"
     key = _repeat_kv(key, query.shape[1] // key.shape[1])
     if scaling is None: scaling = query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if softcap is not None: scores = torch.tanh(scores / softcap) * softcap
+    # the same operations as eager, in place on the fresh matmul output: no temporaries to allocate
+    scores = torch.matmul(query, key.transpose(2, 3)).mul_(scaling)
+    if softcap is not None: scores = scores.div_(softcap).tanh_().mul_(softcap)
     q_len, k_len = scores.shape[-2:]
-    if attention_mask is not None:
-        mask = attention_mask[:, :, :, :k_len]
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
-    elif getattr(module, "is_causal", True) and q_len > 1:
-        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
-        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    hidden = _hidden_positions(attention_mask, q_len, k_len, scores.device, getattr(module, "is_causal", True))
+    if hidden is not None:
+        scores = scores.masked_fill_(hidden, torch.finfo(scores.dtype).min) if hidden.dtype == torch.bool else scores.add_(hidden)
     s0 = scores
     if on_scores is not None: scores = on_scores(scores)
-    pattern = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    # softmax into the scores' own memory, unless a hook may have kept them or autograd needs them
+    in_place = (scores.dtype == torch.float32 and on_scores is None
+                and not (torch.is_grad_enabled() and scores.requires_grad))
+    pattern = torch.softmax(scores, -1, out=scores) if in_place else \
+              nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     p0 = pattern
     if on_pattern is not None: pattern = on_pattern(pattern)
     return pattern, (scores is not s0 or pattern is not p0)
