@@ -4,17 +4,18 @@
 
 # %% ../nbs/01_arch.ipynb #af2c3aff
 from __future__ import annotations
-import math, re, difflib, fnmatch, weakref
-from dataclasses import dataclass, field
-from functools import lru_cache
+import re, difflib, fnmatch, weakref
+from dataclasses import dataclass
 import torch
 from torch import nn, Tensor
+from .norms import norm_scale, fold_norm, _norm_eps, _is_layer_norm   # the norms' algebra: importable from here too
+_all_ = ["norm_scale", "fold_norm"]
 
 # %% auto #0
 __all__ = ['ARCH_SPECS', 'SUPPORTED_ARCHS', 'ATTN_INTERNAL_KINDS', 'ArchSpec', 'UnsupportedArchitectureError', 'arch_spec',
-           'ModelDims', 'config_dims', 'model_dims', 'HookPoint', 'hook_points', 'model_hook_names', 'HookNameError',
-           'act_name', 'resolve_names', 'get_module', 'blocks', 'embed_is_resid', 'check_layers', 'check_head',
-           'head_out_weights', 'fold_norm']
+           'ModelDims', 'config_dims', 'model_dims', 'HookPoint', 'hook_points', 'model_hook_names', 'hook_shape',
+           'post_rotary_kind', 'HookNameError', 'act_name', 'resolve_names', 'get_module', 'blocks', 'embed_is_resid',
+           'check_layers', 'check_head', 'head_out_weights', 'norm_scale', 'fold_norm']
 
 # %% ../nbs/01_arch.ipynb #4b33831f
 @dataclass(frozen=True)
@@ -35,12 +36,17 @@ class ArchSpec:
     ln2: str|None = None           # norm before the MLP (block-relative), `ln2.hook_normalized`
     pos_embed: str|None = None     # learned absolute positions (GPT-2)
     parallel_attr: str|None = None # config flag that makes attention and MLP read the same residual (GPT-NeoX)
+    rotary: bool = True            # rotary position embeddings: `hook_q`/`hook_k` are read before them, `hook_rot_q`/`hook_rot_k` after
+    q_proj: str|None = None        # rotary models: the Linear whose output is `attn.hook_q` (before any q norm and rotary; block-relative)
+    k_proj: str|None = None        # the same for `attn.hook_k`; equal to `q_proj` when q, k and v come from one fused Linear
+    qkv_fused: str|None = None     # that fused Linear's layout: "concat" (`[q | k | v]`, Phi-3) or "heads" (`[q k v]` per head, GPT-NeoX)
 
 # %% ../nbs/01_arch.ipynb #5db8a1f8
 _LLAMA = ArchSpec(layers="model.layers", embed="model.embed_tokens", ln_final="model.norm",
                   attn="self_attn", attn_out="self_attn", mlp="mlp", mlp_out="mlp",
                   mlp_in="mlp.gate_proj", mlp_linear="mlp.up_proj", mlp_down="mlp.down_proj",
-                  ln1="input_layernorm", ln2="post_attention_layernorm")
+                  ln1="input_layernorm", ln2="post_attention_layernorm",
+                  q_proj="self_attn.q_proj", k_proj="self_attn.k_proj")
 # Gemma 2/3 normalise each sublayer's output before adding it (a "sandwich" of norms)
 _SANDWICH = ArchSpec(**{**_LLAMA.__dict__, "attn_out": "post_attention_layernorm",
                         "mlp_out": "post_feedforward_layernorm", "ln2": "pre_feedforward_layernorm"})
@@ -53,15 +59,18 @@ ARCH_SPECS: dict[str, ArchSpec] = {
     "olmo2": ArchSpec(**{**_LLAMA.__dict__, "attn_out": "post_attention_layernorm",
                          "mlp_out": "post_feedforward_layernorm", "ln1": None, "ln2": None}),
     "phi3": ArchSpec(**{**_LLAMA.__dict__, "mlp_in": "mlp.gate_up_proj", "mlp_linear": "mlp.gate_up_proj",
-                        "fused_gate_up": True}),
+                        "fused_gate_up": True, "q_proj": "self_attn.qkv_proj", "k_proj": "self_attn.qkv_proj",
+                        "qkv_fused": "concat"}),
+    # GPT-2 has learned positions, no rotary: its q and k are the ones attention scores with
     "gpt2": ArchSpec(layers="transformer.h", embed="transformer.wte", pos_embed="transformer.wpe",
                      ln_final="transformer.ln_f", attn="attn", attn_out="attn", mlp="mlp", mlp_out="mlp",
-                     mlp_in="mlp.c_fc", mlp_down="mlp.c_proj", ln1="ln_1", ln2="ln_2"),
+                     mlp_in="mlp.c_fc", mlp_down="mlp.c_proj", ln1="ln_1", ln2="ln_2", rotary=False),
     "gpt_neox": ArchSpec(layers="gpt_neox.layers", embed="gpt_neox.embed_in", ln_final="gpt_neox.final_layer_norm",
                          attn="attention", attn_out="attention", mlp="mlp", mlp_out="mlp",
                          mlp_in="mlp.dense_h_to_4h", mlp_down="mlp.dense_4h_to_h",
                          ln1="input_layernorm", ln2="post_attention_layernorm",
-                         parallel_attr="use_parallel_residual"),
+                         parallel_attr="use_parallel_residual", q_proj="attention.query_key_value",
+                         k_proj="attention.query_key_value", qkv_fused="heads"),
 }
 SUPPORTED_ARCHS = tuple(sorted(ARCH_SPECS))
 
@@ -122,18 +131,26 @@ class HookPoint:
     kind: str                 # e.g. "resid_pre", "pattern", "z"
     layer: int|None
     dims: tuple               # dimension words, e.g. ("batch", "pos", "head", "d_head")
+    opt_in: bool = False      # only when named: not part of `names=None` (TransformerLens' flag-gated points)
 
-_BLOCK_KINDS = {  # kind -> (suffix, dims)
+_BLOCK_KINDS = {  # kind -> (suffix, dims), in forward order
     "resid_pre": ("hook_resid_pre", ("batch", "pos", "d_model")),
+    "attn_in": ("hook_attn_in", ("batch", "pos", "d_model")),
+    "ln1_scale": ("ln1.hook_scale", ("batch", "pos", "1")),
     "ln1": ("ln1.hook_normalized", ("batch", "pos", "d_model")),
     "q": ("attn.hook_q", ("batch", "pos", "head", "d_head")),
     "k": ("attn.hook_k", ("batch", "pos", "kv_head", "d_head")),
     "v": ("attn.hook_v", ("batch", "pos", "kv_head", "d_head")),
+    "rot_q": ("attn.hook_rot_q", ("batch", "pos", "head", "d_head")),
+    "rot_k": ("attn.hook_rot_k", ("batch", "pos", "kv_head", "d_head")),
     "attn_scores": ("attn.hook_attn_scores", ("batch", "head", "q_pos", "k_pos")),
     "pattern": ("attn.hook_pattern", ("batch", "head", "q_pos", "k_pos")),
     "z": ("attn.hook_z", ("batch", "pos", "head", "d_head")),
+    "result": ("attn.hook_result", ("batch", "pos", "head", "d_model")),
     "attn_out": ("hook_attn_out", ("batch", "pos", "d_model")),
     "resid_mid": ("hook_resid_mid", ("batch", "pos", "d_model")),
+    "mlp_in": ("hook_mlp_in", ("batch", "pos", "d_model")),
+    "ln2_scale": ("ln2.hook_scale", ("batch", "pos", "1")),
     "ln2": ("ln2.hook_normalized", ("batch", "pos", "d_model")),
     "mlp_pre": ("mlp.hook_pre", ("batch", "pos", "d_mlp")),
     "mlp_pre_linear": ("mlp.hook_pre_linear", ("batch", "pos", "d_mlp")),
@@ -141,10 +158,13 @@ _BLOCK_KINDS = {  # kind -> (suffix, dims)
     "mlp_out": ("hook_mlp_out", ("batch", "pos", "d_model")),
     "resid_post": ("hook_resid_post", ("batch", "pos", "d_model")),
 }
-ATTN_INTERNAL_KINDS = ("q", "k", "v", "attn_scores", "pattern", "z")
+_OPT_IN = ("attn_in", "result", "mlp_in")
+# kinds computed inside transformers' attention function (`q`, `k` only in models without rotary embeddings)
+ATTN_INTERNAL_KINDS = ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z")
 _SUFFIX_KIND = {s: k for k, (s, _) in _BLOCK_KINDS.items()}
 _GLOBAL = {"hook_embed": ("embed", ("batch", "pos", "d_model")),
            "hook_pos_embed": ("pos_embed", ("batch", "pos", "d_model")),
+           "ln_final.hook_scale": ("ln_final_scale", ("batch", "pos", "1")),
            "ln_final.hook_normalized": ("ln_final", ("batch", "pos", "d_model")),
            "hook_logits": ("logits", ("batch", "pos", "d_vocab"))}
 
@@ -152,8 +172,9 @@ _GLOBAL = {"hook_embed": ("embed", ("batch", "pos", "d_model")),
 def _block_kinds(spec:ArchSpec, dims:ModelDims):
     for kind in _BLOCK_KINDS:
         if kind == "resid_mid" and dims.parallel: continue
-        if kind == "ln1" and spec.ln1 is None: continue
-        if kind == "ln2" and spec.ln2 is None: continue
+        if kind in ("ln1", "ln1_scale") and spec.ln1 is None: continue
+        if kind in ("ln2", "ln2_scale") and spec.ln2 is None: continue
+        if kind in ("rot_q", "rot_k") and not spec.rotary: continue
         if kind == "mlp_pre_linear" and not dims.gated: continue
         yield kind
 
@@ -170,15 +191,27 @@ def hook_points(model:nn.Module)->dict[str, HookPoint]:
         for kind in _block_kinds(spec, dims):
             suffix, dd = _BLOCK_KINDS[kind]
             n = f"blocks.{l}.{suffix}"
-            pts[n] = HookPoint(n, kind, l, dd)
-    for n in ("ln_final.hook_normalized", "hook_logits"):
+            pts[n] = HookPoint(n, kind, l, dd, kind in _OPT_IN)
+    for n in ("ln_final.hook_scale", "ln_final.hook_normalized", "hook_logits"):
         pts[n] = HookPoint(n, _GLOBAL[n][0], None, _GLOBAL[n][1])
     _POINTS[model] = (dims, pts)
     return pts
 
 def model_hook_names(model:nn.Module)->list[str]:
-    "Names of all hook points of `model`, in the order a forward pass reaches them"
+    "Names of all hook points of `model` (opt-in ones included), in the order a forward pass reaches them"
     return list(hook_points(model))
+
+_SIZES = {"head": "n_heads", "kv_head": "n_kv_heads", "d_head": "d_head", "d_model": "d_model", "d_mlp": "d_mlp", "d_vocab": "d_vocab"}
+
+def hook_shape(model:nn.Module, name:str, batch:int, pos:int)->tuple:
+    "Shape of hook point `name` in a plain forward of `batch` prompts of `pos` tokens, from its dimension words"
+    d, dims = model_dims(model), hook_points(model)[name].dims
+    return tuple(batch if w == "batch" else pos if w in ("pos", "q_pos", "k_pos") else 1 if w == "1" else getattr(d, _SIZES[w])
+                 for w in dims)
+
+def post_rotary_kind(model:nn.Module, kind:str)->str:
+    "The kind holding the queries/keys attention scores with: `q`/`k` -> `rot_q`/`rot_k` in rotary models; other kinds unchanged"
+    return f"rot_{kind}" if kind in ("q", "k") and arch_spec(model).rotary else kind
 
 # %% ../nbs/01_arch.ipynb #d6811d50
 class HookNameError(KeyError):
@@ -186,10 +219,12 @@ class HookNameError(KeyError):
     def __str__(self): return str(self.args[0]) if self.args else ""
 
 _SHORT = {**{k: k for k in _BLOCK_KINDS}, "scores": "attn_scores", "pre": "mlp_pre", "post": "mlp_post",
-          "normalized": "ln_final", "embed": "embed", "pos_embed": "pos_embed", "logits": "logits"}
+          "normalized": "ln_final", "scale": "ln_final_scale", "embed": "embed", "pos_embed": "pos_embed", "logits": "logits",
+          "query": "q", "key": "k", "value": "v", "attn_logits": "attn_scores"}
 
-def act_name(kind:str, layer:int|None=None)->str:
-    "TransformerLens-style short name to full hook name: `act_name('pattern', 3)` -> `blocks.3.attn.hook_pattern`"
+def act_name(kind:str, layer:int|None=None, layer_type:str|None=None)->str:
+    "TransformerLens-style short name to full hook name: `act_name('pattern', 3)` -> `blocks.3.attn.hook_pattern`; `act_name('scale', 3, 'ln1')` -> `blocks.3.ln1.hook_scale`"
+    if layer_type in ("ln1", "ln2") and kind in ("scale", "normalized"): kind = layer_type + ("_scale" if kind == "scale" else "")
     k = _SHORT.get(kind, kind)
     if k in _BLOCK_KINDS:
         if layer is None: raise HookNameError(f"{kind!r} is a per-layer hook point: give a layer, e.g. ({kind!r}, 0)")
@@ -204,7 +239,7 @@ def _unknown(name:str, pts:dict, n_layers:int)->HookNameError:
         return HookNameError(f"Layer {m.group(1)} is out of range in {name!r}: the model has {n_layers} layers (0-{n_layers-1}).")
     if m and m.group(2) in _SUFFIX_KIND:
         return HookNameError(f"{name!r} does not exist in this architecture (e.g. no resid_mid in parallel blocks, "
-                             f"no pre-attention norm in OLMo 2).")
+                             f"no pre-attention norm in OLMo 2, no rotary hook_rot_q/hook_rot_k in GPT-2).")
     near = difflib.get_close_matches(name, list(pts), n=5, cutoff=0.6)
     hint = f" Nearest valid names: {', '.join(near)}." if near else " See `model_hook_names(model)`."
     return HookNameError(f"Unknown hook name {name!r}.{hint}")
@@ -212,7 +247,7 @@ def _unknown(name:str, pts:dict, n_layers:int)->HookNameError:
 def resolve_names(model:nn.Module, names)->list[str]:
     "Expand `names` (a name, a pattern, `(kind, layer)`, a list of these, or a predicate) to exact hook names in forward order"
     pts = hook_points(model)
-    if names is None: return list(pts)
+    if names is None: return [n for n, p in pts.items() if not p.opt_in]
     if callable(names): return [n for n in pts if names(n)]
     if isinstance(names, (str, tuple)): names = [names]
     want = set()
@@ -266,26 +301,18 @@ def check_head(model:nn.Module, head:int, kv:bool=False, what:str="head")->int:
 # %% ../nbs/01_arch.ipynb #ef528f9f
 _OUT_PROJ = ("o_proj", "c_proj", "dense", "out_proj")
 
-def head_out_weights(model:nn.Module, l:int)->tuple[Tensor, Tensor|None]:
-    "`W_O` `[head d_head d_model]` and the output bias `[d_model]` (or None) of layer `l`'s attention"
-    dims = model_dims(model)
-    attn = get_module(blocks(model)[l], arch_spec(model).attn)
+def _out_proj(attn:nn.Module)->nn.Module:
+    "The output projection of an attention module"
     proj = next((getattr(attn, n) for n in _OUT_PROJ if hasattr(attn, n)), None)
     if proj is None: raise ValueError(f"No output projection among {_OUT_PROJ} in {type(attn).__name__}.")
-    w = proj.weight
-    w = w.reshape(dims.n_heads, dims.d_head, dims.d_model) if type(proj).__name__ == "Conv1D" else w.T.reshape(dims.n_heads, dims.d_head, dims.d_model)
-    return w, getattr(proj, "bias", None)
+    return proj
 
-def fold_norm(norm:nn.Module,   # an RMSNorm or LayerNorm module
-              x:Tensor,         # [... d_model] what the norm really sees (its scale is frozen at this input)
-              part:Tensor,      # [... n d_model] or [... d_model] a component of `x`
-             )->Tensor:         # `part` through the norm with `x`'s scale, without the bias
-    "A norm made linear: `part` scaled as the norm scales `x`; summing over all parts of `x` gives `norm(x) - bias`"
-    if part.ndim == x.ndim + 1: x = x.unsqueeze(-2)
-    eps = next((getattr(norm, a) for a in ("variance_epsilon", "eps") if hasattr(norm, a)), 1e-6)
-    xf, pf = x.float(), part.float()
-    if isinstance(norm, nn.LayerNorm) or "LayerNorm" in type(norm).__name__ and hasattr(norm, "bias") and "RMS" not in type(norm).__name__:
-        w = norm.weight.float() if norm.weight is not None else 1.
-        return (pf - pf.mean(-1, keepdim=True)) * w / (xf.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
-    with torch.no_grad(): w = norm(torch.ones(x.shape[-1], dtype=norm.weight.dtype, device=x.device)).float() * math.sqrt(1 + eps)
-    return pf * w / (xf.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+def _split_heads(proj:nn.Module, d:ModelDims)->Tensor:
+    "`W_O` `[head d_head d_model]` of output projection `proj`: a view of its weight, no copy"
+    w = proj.weight   # GPT-2's Conv1D stores [in out], nn.Linear [out in]
+    return w.reshape(d.n_heads, d.d_head, d.d_model) if type(proj).__name__ == "Conv1D" else w.T.reshape(d.n_heads, d.d_head, d.d_model)
+
+def head_out_weights(model:nn.Module, l:int)->tuple[Tensor, Tensor|None]:
+    "`W_O` `[head d_head d_model]` and the output bias `[d_model]` (or None) of layer `l`'s attention"
+    proj = _out_proj(get_module(blocks(model)[l], arch_spec(model).attn))
+    return _split_heads(proj, model_dims(model)), getattr(proj, "bias", None)

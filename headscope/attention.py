@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 import torch
 from torch import nn, Tensor
+from .arch import ArchSpec, ModelDims, _split_heads
 
 # %% auto #0
 __all__ = ['attention_pattern', 'eager_attention', 'HookFunctionError']
@@ -83,9 +84,10 @@ def _headscope_attention(module, query, key, value, attention_mask, **kwargs):
     if not taps: return base(module, query, key, value, attention_mask, **kwargs)
     run = lambda kind, x: _run_taps(taps.get(kind), x)
     # hooks see [batch pos head d_head]; transformers passes [batch head pos d_head]
-    if "q" in taps: query = run("q", query.transpose(1, 2)).transpose(1, 2)
-    if "k" in taps: key = run("k", key.transpose(1, 2)).transpose(1, 2)
-    if "v" in taps: value = run("v", value.transpose(1, 2)).transpose(1, 2)
+    heads = lambda kind, x: run(kind, x.transpose(1, 2)).transpose(1, 2) if kind in taps else x
+    query, key = heads("q", query), heads("k", key)                     # no-rotary models (GPT-2): q and k are these
+    value = heads("v", value)
+    query, key = heads("rot_q", query), heads("rot_k", key)             # rotary models: after the rotary embedding
     for fn in taps.get("observe", ()): fn(module, query, key, value, attention_mask, kwargs)   # after q/k/v edits
     if "attn_scores" in taps or "pattern" in taps:
         kw = {k: kwargs[k] for k in ("scaling", "softcap") if k in kwargs}
@@ -127,4 +129,33 @@ def _run_taps(taps, act:Tensor)->Tensor:
         act = out if (out.dtype == act.dtype and out.device == act.device) else out.to(act)
     return act
 
+# %% ../nbs/03_attention.ipynb #ece006de
+def _qk_proj_hooks(spec:ArchSpec, d:ModelDims, q_taps, k_taps)->list:
+    "`[(block-relative module path, forward hook)]` serving one layer's pre-rotary `hook_q`/`hook_k` on its projections"
+    H, KV, D = d.n_heads, d.n_kv_heads, d.d_head
+    def heads(taps, nh):   # a projection of its own: all of its output, d_head features per head
+        def f(mod, args, o):
+            x = o.view(*o.shape[:-1], nh, D)
+            new = _run_taps(taps, x)
+            return None if new is x else new.reshape(o.shape)
+        return f
+    def fused(mod, args, o):
+        if spec.qkv_fused == "heads": q, k, v = o.view(*o.shape[:-1], H, 3 * D).split(D, -1)
+        else: q, k, v = (p.view(*p.shape[:-1], -1, D) for p in o.split([H * D, KV * D, KV * D], -1))
+        q2, k2 = _run_taps(q_taps, q), _run_taps(k_taps, k)
+        if q2 is q and k2 is k: return None
+        if spec.qkv_fused == "heads": return torch.cat([q2, k2, v], -1).reshape(o.shape)
+        return torch.cat([q2.flatten(-2), k2.flatten(-2), v.flatten(-2)], -1)
+    if spec.qkv_fused: return [(spec.q_proj, fused)]
+    return [(path, heads(taps, nh)) for path, taps, nh in ((spec.q_proj, q_taps, H), (spec.k_proj, k_taps, KV)) if taps]
 
+def _result_hook(taps, d:ModelDims):
+    "Forward hook on attention's output projection serving `hook_result`; if a hook edits it, the output is the writes' sum plus the bias"
+    def f(mod, args, o):
+        z = args[0]                                                  # [batch pos head*d_head]
+        res = torch.einsum("bphe,hem->bphm", z.reshape(*z.shape[:-1], d.n_heads, d.d_head), _split_heads(mod, d))
+        new = _run_taps(taps, res)
+        if new is res: return None
+        b = getattr(mod, "bias", None)
+        return new.sum(-2) if b is None else new.sum(-2) + b
+    return f

@@ -4,13 +4,14 @@
 
 # %% ../nbs/05_cache.ipynb #16f31f87
 from __future__ import annotations
-import html, weakref
+import html, math, weakref
 from dataclasses import dataclass
 import torch
 from torch import nn, Tensor
-from .arch import resolve_names, hook_points, model_dims, embed_is_resid, act_name, HookNameError
+from .arch import resolve_names, hook_points, model_dims, embed_is_resid, act_name, HookNameError, hook_shape
 from .hooking import hooks, to_inputs, forward, run_until
 from .tokens import show_tokens
+from .decompose import ResidDecomposition   # the TransformerLens methods that take the residual stream apart
 
 # %% auto #0
 __all__ = ['tensors_nbytes', 'ActivationCache', 'CacheEstimate', 'estimate_cache', 'available_memory', 'check_cache_memory',
@@ -31,16 +32,25 @@ def tensors_nbytes(tensors)->int:
     return sum(seen.values())
 
 # %% ../nbs/05_cache.ipynb #443cd4f7
-class ActivationCache:
-    "Activations of one forward pass, by hook name, with the logits and inputs of the run."
+class ActivationCache(ResidDecomposition):
+    "Activations of one forward pass, by hook name, with the logits, inputs and model of the run."
     def __init__(self, acts:dict, logits:Tensor|None, inputs:dict, model:nn.Module|None=None):
-        self.acts, self.logits, self.inputs = acts, logits, inputs
-        self.n_layers = model_dims(model).n_layers if model is not None else None
-        tok = getattr(model, "tokenizer", None)
-        self._tok = tok
+        self.acts, self.logits, self.inputs, self.model = acts, logits, inputs, model
+        self._dims = model_dims(model) if model is not None else None
+        self.n_layers, self._tok = getattr(self._dims, "n_layers", None), getattr(model, "tokenizer", None)
+        self.has_batch_dim = True   # False after `remove_batch_dim()`
+
+    def _name(self, kind, layer=None, *layer_type, check=True):
+        "Hook name of `(kind, layer[, layer_type])`, a negative layer counting back from the last block (None if out of range and not `check`)"
+        n, per_layer = self.n_layers, isinstance(layer, int) and act_name(kind, 0, *layer_type).startswith("blocks.")
+        if per_layer and not (-n <= layer < n if n else layer >= 0):
+            if not check: return None
+            raise HookNameError(f"Layer {layer} is out of range for {kind!r}: the model has {n} layers, 0..{n-1} (or -{n}..-1 from the end)."
+                                if n else f"Layer {layer} counts from the end, but this cache does not know the model's depth.")
+        return act_name(kind, layer % n if per_layer and n else layer, *layer_type)
 
     def _key(self, k):
-        if isinstance(k, tuple): k = act_name(*k)
+        if isinstance(k, tuple): k = self._name(*k)
         if k not in self.acts:
             import difflib
             near = difflib.get_close_matches(str(k), list(self.acts), n=5, cutoff=0.5)
@@ -48,7 +58,7 @@ class ActivationCache:
                                 + f" The cache holds {len(self.acts)} hook points; pass `names=` to `run_with_cache` to keep others.")
         return k
     def __getitem__(self, k)->Tensor: return self.acts[self._key(k)]
-    def __contains__(self, k): return (act_name(*k) if isinstance(k, tuple) else k) in self.acts
+    def __contains__(self, k): return (self._name(*k, check=False) if isinstance(k, tuple) else k) in self.acts
     def __iter__(self): return iter(self.acts)
     def __len__(self): return len(self.acts)
     def keys(self): return self.acts.keys()
@@ -86,15 +96,26 @@ class ActivationCache:
         L = self.n_layers
         return torch.stack([self["resid_pre", l] for l in range(L)] + [self["resid_post", L - 1]])
 
+    def _like(self, acts:dict, logits, has_batch_dim:bool)->ActivationCache:
+        c = ActivationCache(acts, logits, self.inputs, self.model)
+        c.n_layers, c._tok, c.has_batch_dim = self.n_layers, self._tok, has_batch_dim
+        return c
+
     def to(self, device=None, dtype=None)->ActivationCache:
         "A copy on another device and/or floating dtype"
         conv = lambda t: t.to(device=device, dtype=dtype if (dtype and t.is_floating_point()) else None)
-        c = ActivationCache({k: conv(v) for k, v in self.acts.items()}, self.logits, self.inputs)
-        c.n_layers, c._tok = self.n_layers, self._tok
-        return c
+        return self._like({k: conv(v) for k, v in self.acts.items()}, self.logits, self.has_batch_dim)
+
+    def remove_batch_dim(self)->ActivationCache:
+        "The same run without its batch axis (`[pos d_model]`, `[head q_pos k_pos]`, ...), as TransformerLens' `remove_batch_dim`; needs a batch of one"
+        if not self.has_batch_dim: return self
+        if (n := self.inputs["input_ids"].shape[0]) != 1:
+            raise ValueError(f"remove_batch_dim needs a batch of one prompt, but this cache holds {n}: cache a single prompt, or index each tensor with [i].")
+        return self._like({k: v[0] for k, v in self.acts.items()}, None if self.logits is None else self.logits[0], False)
 
     def __repr__(self):
-        return f"ActivationCache({len(self)} hook points, {_fmt_bytes(self.nbytes)}, batch x pos = {tuple(self.inputs['input_ids'].shape)})"
+        return (f"ActivationCache({len(self)} hook points, {_fmt_bytes(self.nbytes)}, batch x pos = {tuple(self.inputs['input_ids'].shape)}"
+                + ("" if self.has_batch_dim else ", batch dim removed") + ")")
 
     def _repr_html_(self):
         rows, groups = [], {}
@@ -135,16 +156,17 @@ def estimate_cache(model:nn.Module, inputs, names=None, dtype:torch.dtype|None=N
     d, pts = model_dims(model), hook_points(model)
     names = resolve_names(model, names)
     esz = torch.empty((), dtype=dtype or next(model.parameters()).dtype).element_size()
-    per_pos = {"q": d.n_heads * d.d_head, "z": d.n_heads * d.d_head, "k": d.n_kv_heads * d.d_head, "v": d.n_kv_heads * d.d_head,
-               "mlp_pre": d.d_mlp, "mlp_pre_linear": d.d_mlp, "mlp_post": d.d_mlp, "logits": d.d_vocab,
-               "attn_scores": d.n_heads * p, "pattern": d.n_heads * p}
     by = {}
     for n in names:
         k = pts[n].kind
         rows = 1 if (k == "pos_embed" and not padded) else b   # position embeddings are shared across the batch unless padding shifts them
-        by[k] = by.get(k, 0) + rows * p * per_pos.get(k, d.d_model) * esz
+        sz = max(esz, 4) if (k.endswith("scale") and dtype is None) else esz   # norm scales stay float32 in half-precision models
+        by[k] = by.get(k, 0) + rows * math.prod(hook_shape(model, n, 1, p)) * sz
     ns, row = set(names), b * p * d.d_model * esz
     shared = sum(row for l in range(d.n_layers - 1) if f"blocks.{l}.hook_resid_post" in ns and f"blocks.{l+1}.hook_resid_pre" in ns)
+    for l in range(d.n_layers):   # hook_attn_in is the tensor resid_pre is (so is hook_mlp_in in parallel blocks): kept once
+        same = [f"blocks.{l}.hook_resid_pre", f"blocks.{l}.hook_attn_in"] + ([f"blocks.{l}.hook_mlp_in"] if d.parallel else [])
+        shared += row * max(0, sum(n in ns for n in same) - 1)
     if embed_is_resid(model) and {"hook_embed", "blocks.0.hook_resid_pre"} <= ns: shared += row
     return CacheEstimate(by, shared, (b, p))
 

@@ -11,11 +11,12 @@ from typing import Callable
 import torch
 from torch import nn, Tensor
 from .arch import (arch_spec, model_dims, hook_points, resolve_names, get_module, blocks,
-                            ATTN_INTERNAL_KINDS, HookPoint, HookNameError)
+                            ATTN_INTERNAL_KINDS, HookPoint, HookNameError, _out_proj)
+from .norms import norm_scale, _rescale
 from .tokens import to_inputs   # text -> inputs lives in `tokens`; importable from here too
 from .interventions import select, patch, ablate, scale, add   # the hook-function verbs; importable from here too
 from .attention import (attention_pattern, eager_attention, HookFunctionError, _run_taps, _register_attention,
-                                 _BASES, _repeat_kv, _attend)
+                                 _BASES, _repeat_kv, _attend, _qk_proj_hooks, _result_hook)
 
 # %% auto #0
 __all__ = ['HookContext', 'Hooks', 'hooks', 'kv_cache_name', 'kv_cache_of', 'forward', 'run_with_hooks', 'StopForward',
@@ -82,6 +83,8 @@ class HookContext:
 # %% ../nbs/04_hooking.ipynb #7b25a288
 def _out(o): return o[0] if isinstance(o, tuple) else o
 def _with_out(o, t): return (t,) + tuple(o[1:]) if isinstance(o, tuple) else t
+def _in(args, kwargs): return args[0] if args else kwargs["hidden_states"]
+def _with_in(args, kwargs, t): return ((t,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": t})
 
 # model -> {"base": its own attention implementation, "managers": ids of the `Hooks` that need headscope's}: managers
 # may be removed in any order (generators, notebook cells), so the switch is undone only when the last one leaves
@@ -106,7 +109,7 @@ class Hooks:
         return self
 
     def observe_attention(self, layer:int, fn:Callable):
-        "Call `fn(module, query, key, value, attention_mask, kwargs)` inside layer `layer`'s attention (q/k/v `[batch head pos d_head]`, after rotary and q/k/v hooks); for statistics that never form the pattern"
+        "Call `fn(module, query, key, value, attention_mask, kwargs)` inside layer `layer`'s attention (q/k/v `[batch head pos d_head]`, after rotary and the q/k/v/rot_q/rot_k hooks); for statistics that never form the pattern"
         n = len(blocks(self.model))
         if not -n <= layer < n: raise IndexError(f"Layer {layer} does not exist: the model has layers 0..{n-1}.")
         self.observers[layer % n].append(fn)
@@ -115,8 +118,8 @@ class Hooks:
     def _mod(self, path:str, layer:int|None=None)->nn.Module:
         return get_module(blocks(self.model)[layer], path) if layer is not None else get_module(self.model, path)
 
-    def _hook(self, module, fn, pre=False):
-        h = module.register_forward_pre_hook(fn, with_kwargs=True) if pre else module.register_forward_hook(fn)
+    def _hook(self, module, fn, pre=False, kw=False):
+        h = module.register_forward_pre_hook(fn, with_kwargs=True) if pre else module.register_forward_hook(fn, with_kwargs=kw)
         self.handles.append(h)
 
     def attach(self):
@@ -134,19 +137,31 @@ class Hooks:
                 return None if new is x else _with_out(o, new)
             return f
         for n, kind, path in (("hook_embed", "embed", sp.embed), ("hook_pos_embed", "pos_embed", sp.pos_embed),
+                              ("ln_final.hook_scale", "ln_final_scale", sp.ln_final),   # before the normalized output's hook
                               ("ln_final.hook_normalized", "ln_final", sp.ln_final), ("hook_logits", "logits", None)):
-            if n in t: self._hook(self._mod(path) if path else self.model.get_output_embeddings(), out_hook([n]))
-        layers_attn = set()
+            if n not in t: continue
+            mod = self._mod(path) if path else self.model.get_output_embeddings()
+            self._hook(mod, self._scale_hook(n), kw=True) if kind == "ln_final_scale" else self._hook(mod, out_hook([n]))
+        asked = defaultdict(dict)   # layer -> {kind: name} of the points with hook functions
+        for n in t: asked[self.points[n].layer][self.points[n].kind] = n
         for l, blk in enumerate(blocks(self.model)):
             nm = lambda s: f"blocks.{l}.{s}"
-            want = {p.kind for n, p in self.points.items() if p.layer == l and n in t}
+            want = asked.get(l, {})
             if not want and l not in self.observers: continue
             if "resid_pre" in want or "resid_mid" in want:
                 self._hook(blk, self._resid_pre_hook(l), pre=True)
+            # what attention and the MLP read: the input of their norm, or of the sublayer itself where there is none (OLMo 2)
+            if "attn_in" in want: self._hook(self._mod(sp.ln1 or sp.attn, l), self._input_hook(want["attn_in"]), pre=True)
+            if "ln1_scale" in want: self._hook(self._mod(sp.ln1, l), self._scale_hook(want["ln1_scale"]), kw=True)
             if "ln1" in want: self._hook(self._mod(sp.ln1, l), out_hook([nm("ln1.hook_normalized")]))
+            if sp.rotary and ("q" in want or "k" in want):   # pre-rotary q/k: on the projections (the attention chapter)
+                for path, fn in _qk_proj_hooks(sp, self.dims, t.get(want.get("q")), t.get(want.get("k"))): self._hook(self._mod(path, l), fn)
+            if "result" in want: self._hook(_out_proj(self._mod(sp.attn, l)), _result_hook(t[want["result"]], self.dims))
             if "attn_out" in want or "resid_mid" in want: self._hook(self._mod(sp.attn_out, l), self._attn_out_hook(l))
+            if "mlp_in" in want: self._hook(self._mod(sp.ln2 or sp.mlp, l), self._input_hook(want["mlp_in"]), pre=True)
+            if "ln2_scale" in want: self._hook(self._mod(sp.ln2, l), self._scale_hook(want["ln2_scale"]), kw=True)
             if "ln2" in want: self._hook(self._mod(sp.ln2, l), out_hook([nm("ln2.hook_normalized")]))
-            if sp.fused_gate_up and ({"mlp_pre", "mlp_pre_linear"} & want):
+            if sp.fused_gate_up and ("mlp_pre" in want or "mlp_pre_linear" in want):
                 self._hook(self._mod(sp.mlp_in, l), out_hook([nm("mlp.hook_pre"), nm("mlp.hook_pre_linear")], part=True))
             else:
                 if "mlp_pre" in want: self._hook(self._mod(sp.mlp_in, l), out_hook([nm("mlp.hook_pre")]))
@@ -157,8 +172,7 @@ class Hooks:
                 self._hook(self._mod(sp.mlp_down, l), pre, pre=True)
             if "mlp_out" in want: self._hook(self._mod(sp.mlp_out, l), out_hook([nm("hook_mlp_out")]))
             if "resid_post" in want: self._hook(blk, out_hook([nm("hook_resid_post")]))
-            inner = {k: t[nm(s)] for k, s in (("q", "attn.hook_q"), ("k", "attn.hook_k"), ("v", "attn.hook_v"),
-                     ("attn_scores", "attn.hook_attn_scores"), ("pattern", "attn.hook_pattern"), ("z", "attn.hook_z")) if nm(s) in t}
+            inner = {k: t[n] for k, n in want.items() if k in ATTN_INTERNAL_KINDS and not (sp.rotary and k in ("q", "k"))}
             if self.observers.get(l): inner["observe"] = list(self.observers[l])
             if inner:
                 attn = self._mod(sp.attn, l)
@@ -172,11 +186,26 @@ class Hooks:
     def _resid_pre_hook(self, l):
         n, t, st = f"blocks.{l}.hook_resid_pre", self.taps, self.state
         def f(mod, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
+            x = _in(args, kwargs)
             new = _run_taps(t.get(n), x)
             st.resid_pre = new
-            if new is x: return None
-            return ((new,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+            return None if new is x else _with_in(args, kwargs, new)
+        return f
+
+    def _input_hook(self, n):
+        "Pre-hook running the functions of `n` on a module's input (`hook_attn_in`, `hook_mlp_in`)"
+        def f(mod, args, kwargs):
+            x = _in(args, kwargs)
+            new = _run_taps(self.taps[n], x)
+            return None if new is x else _with_in(args, kwargs, new)
+        return f
+
+    def _scale_hook(self, n):
+        "Hook on a norm: its scale `[batch pos 1]` from its input; an edited scale `s2` makes the norm divide by `s2` instead"
+        def f(mod, args, kwargs, o):
+            s = norm_scale(mod, _in(args, kwargs))
+            s2 = _run_taps(self.taps[n], s)
+            return None if s2 is s else _with_out(o, _rescale(mod, _out(o), s, s2))   # the norm is linear in 1 / scale
         return f
 
     def _attn_out_hook(self, l):

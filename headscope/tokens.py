@@ -10,7 +10,8 @@ from torch import nn, Tensor
 
 # %% auto #0
 __all__ = ['to_inputs', 'first_token_is_special', 'set_prepend_bos', 'token_strs', 'show_token', 'show_tokens', 'visible',
-           'single_token_id', 'single_token_ids', 'plain_token_ids', 'first_token_id', 'pos_index']
+           'single_token_id', 'single_token_ids', 'plain_token_ids', 'first_token_id', 'pos_index', 'to_tokens',
+           'to_str_tokens', 'to_string', 'to_single_token', 'get_token_position']
 
 # %% ../nbs/02_tokens.ipynb #b3ee588c
 def _vocab_size(model:nn.Module)->int|None:
@@ -26,8 +27,19 @@ def _learned_positions(model:nn.Module)->int|None:
     c = model.config
     return getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
 
+def _tokenizer(model:nn.Module):
+    "The model's tokenizer, or a clear error when it has none"
+    tok = getattr(model, "tokenizer", None)
+    if tok is None: raise ValueError("Text input needs a tokenizer: set `model.tokenizer` (headscope's loaders do) or pass token ids.")
+    return tok
+
+def _model_bos(model:nn.Module, prepend_bos:bool|None)->bool|None:
+    "`prepend_bos`, or the model's default (`set_prepend_bos`) when it is None"
+    return getattr(model, "_headscope_prepend_bos", None) if prepend_bos is None else prepend_bos
+
 def _tokenize(tok, texts:list, prepend_bos, padding_side)->dict:
     "Token ids (+ mask) of `texts`; `prepend_bos` None keeps the tokenizer's own special tokens, True/False sets a BOS"
+    if padding_side not in (None, "left", "right"): raise ValueError(f"padding_side must be 'left', 'right' or None, not {padding_side!r}.")
     old = tok.padding_side
     if padding_side: tok.padding_side = padding_side
     try:
@@ -45,11 +57,10 @@ def to_inputs(model:nn.Module, inputs,
              )->dict:
     "Prompt(s), token ids `[batch pos]`/`[pos]` or tokenizer output -> dict of `input_ids` (+ `attention_mask`) on the model's device"
     dev = next(model.parameters()).device
-    if prepend_bos is None: prepend_bos = getattr(model, "_headscope_prepend_bos", None)   # the model's default (`set_prepend_bos`)
+    prepend_bos = _model_bos(model, prepend_bos)
     if isinstance(inputs, (list, tuple)) and not inputs: raise ValueError("No prompts: give a prompt, a list of prompts or token ids.")
     if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and all(isinstance(s, str) for s in inputs)):
-        tok = getattr(model, "tokenizer", None)
-        if tok is None: raise ValueError("Text input needs a tokenizer: set `model.tokenizer` (headscope's loaders do) or pass token ids.")
+        tok = _tokenizer(model)
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         for i, t in enumerate(texts):
             if not t.strip(): raise ValueError(f"Prompt {i} is empty: give at least one token of text.")
@@ -135,8 +146,19 @@ def single_token_id(tok, s, what:str="token")->int:
     ids = tok(s, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise ValueError(f"The {what} {s!r} is {len(ids)} tokens {token_strs(tok, ids)}; give a single-token string "
-                         "(often with a leading space, e.g. ' Paris') or a token id.")
+                         f"or a token id.{_respaced_hint(tok, s)}")
     return ids[0]
+
+def _respaced(tok, s:str)->tuple:
+    "`s` with a leading space added (or removed), and its id if that variant is one token (else None)"
+    alt = s[1:] if s.startswith(" ") else " " + s
+    ids = tok(alt, add_special_tokens=False)["input_ids"] if alt.strip() else []
+    return alt, (ids[0] if len(ids) == 1 else None)
+
+def _respaced_hint(tok, s:str, among=None)->str:
+    "' Tower' is one token (id ...).' when `s` respaced is one token (and, given `among`, one of those ids); else ''"
+    alt, i = _respaced(tok, s)
+    return f" {alt!r} is one token (id {i})." if i is not None and (among is None or i in among) else ""
 
 def single_token_ids(tok, items, what:str="token")->Tensor:
     "`[n]` ids of one item or a list of them (strings or ids), or a tensor of ids as it is"
@@ -170,3 +192,94 @@ def pos_index(inputs:dict,   # `to_inputs` output: `input_ids` `[batch pos]`, ma
     if ((p < 0) | (p >= n)).any():
         raise IndexError(f"Position {pos} is out of range for a prompt of {int(n.min())} tokens.")
     return ((m.cumsum(-1) - 1 == p[:, None]) & (m == 1)).long().argmax(-1)
+
+# %% ../nbs/02_tokens.ipynb #9aeece7d
+def _texts(x, fn:str)->list[str]:
+    "`x` as a non-empty list of strings, or a clear error naming `fn`"
+    if isinstance(x, str): return [x]
+    if isinstance(x, (list, tuple)) and x and all(isinstance(s, str) for s in x): return list(x)
+    if isinstance(x, (list, tuple)) and not x: raise ValueError(f"{fn}: no prompts; give a prompt or a list of prompts.")
+    raise TypeError(f"{fn} takes a prompt or a list of prompts (strings), not {type(x).__name__}.")
+
+def _ids(model:nn.Module, x, fn:str)->Tensor:
+    "`x` (a tensor, array, id or list of ids) as an integer tensor of at most 2 dims, checked against the vocabulary"
+    if isinstance(x, (list, tuple)) and not x: return torch.zeros(0, dtype=torch.long)   # [] is no ids, not floats
+    try: t = torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{fn} takes text or token ids (an id, a list of ids, a tensor or an array), not {type(x).__name__}.") from None
+    if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{fn}: token ids must be integers, got {t.dtype} (from {type(x).__name__}).")
+    if t.ndim > 2: raise ValueError(f"{fn}: token ids must be an id, [pos] or [batch pos], not shape {tuple(t.shape)}.")
+    V = _vocab_size(model) or len(_tokenizer(model))
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= V):
+        bad = int(t.max()) if int(t.max()) >= V else int(t.min())
+        raise ValueError(f"{fn}: token id {bad} is outside the vocabulary (ids 0..{V - 1}).")
+    return t.long()
+
+def _rows(x)->bool:
+    "Is `x` a list of rows of ids (lists or 1-D tensors), possibly of different lengths?"
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(r, (list, tuple)) or (torch.is_tensor(r) and r.ndim >= 1) for r in x)
+
+def to_tokens(model:nn.Module,
+              text,                         # a prompt, or a list of prompts (padded into one batch)
+              prepend_bos:bool|None=None,   # None: the model's default (`set_prepend_bos`), else the tokenizer's own way
+              padding_side:str|None=None,   # for several prompts: 'left' or 'right' (default: the tokenizer's)
+             )->Tensor:                     # [batch pos] token ids, on the model's device
+    "Token ids of `text`, always `[batch pos]` (a prompt is a batch of 1), as `to_inputs` would make them"
+    ids = _tokenize(_tokenizer(model), _texts(text, "to_tokens"), _model_bos(model, prepend_bos), padding_side)["input_ids"]
+    return ids.long().to(next(model.parameters()).device)
+
+def to_str_tokens(model:nn.Module,
+                  text_or_ids,                 # a prompt, token ids `[pos]`/`[1 pos]`/list of ids; or a batch of either
+                  prepend_bos:bool|None=None,  # text only, as in `to_tokens`
+                 )->list:                      # [pos] token strings; a batch: [batch][pos]
+    "Each token as a string (`token_strs`): a list for one prompt or sequence, a list of lists for a batch"
+    x, tok = text_or_ids, _tokenizer(model)
+    if isinstance(x, str): return token_strs(tok, to_tokens(model, x, prepend_bos)[0])
+    if isinstance(x, (list, tuple)) and x and all(isinstance(s, str) for s in x): return [to_str_tokens(model, s, prepend_bos) for s in x]
+    if _rows(x): return [to_str_tokens(model, r) for r in x]     # rows of ids, possibly of different lengths
+    t = _ids(model, x, "to_str_tokens")
+    if t.ndim == 2 and t.shape[0] != 1: return [token_strs(tok, r) for r in t]
+    return token_strs(tok, t)
+
+def to_string(model:nn.Module,
+              ids,          # token ids: an id, `[pos]` or a list of ids -> str; `[batch pos]` or rows of ids -> list of str
+             )->str|list:
+    "Token ids decoded back to text, special tokens kept (TransformerLens' `to_string`)"
+    if isinstance(ids, str) or (isinstance(ids, (list, tuple)) and ids and all(isinstance(s, str) for s in ids)):
+        raise TypeError("to_string decodes token ids; this is already text (use `to_tokens` for text -> ids).")
+    tok = _tokenizer(model)
+    if _rows(ids): return [to_string(model, r) for r in ids]
+    t = _ids(model, ids, "to_string")
+    dec = lambda r: tok.decode(r.reshape(-1).tolist(), clean_up_tokenization_spaces=False)
+    return [dec(r) for r in t] if t.ndim == 2 else dec(t)
+
+# %% ../nbs/02_tokens.ipynb #4ca70780
+def to_single_token(model:nn.Module, s)->int:
+    "The id of `s`, a string the tokenizer makes one token (an id passes through); several tokens: an error listing them"
+    return single_token_id(_tokenizer(model), s)
+
+def get_token_position(model:nn.Module,
+                       single_token,                # the token to find: a one-token string (" Mary") or an id
+                       text_or_ids,                 # one prompt, or its token ids `[pos]`/`[1 pos]`
+                       mode:str="first",            # "first" or "last" occurrence
+                       prepend_bos:bool|None=None,  # text only, as in `to_tokens`
+                      )->int:                       # index along `pos`
+    "Index of the first (or last) occurrence of `single_token` among the tokens of one prompt"
+    if mode not in ("first", "last"): raise ValueError(f"mode must be 'first' or 'last', not {mode!r}.")
+    tok = _tokenizer(model)
+    t = single_token_id(tok, single_token)
+    if isinstance(text_or_ids, str): ids = to_tokens(model, text_or_ids, prepend_bos)[0]
+    else:
+        if not isinstance(text_or_ids, (Tensor, list, tuple)) and not hasattr(text_or_ids, "__array__"):
+            raise TypeError(f"get_token_position reads one prompt or its token ids, not {type(text_or_ids).__name__}.")
+        ids = _ids(model, text_or_ids, "get_token_position")
+        if ids.ndim == 2 and ids.shape[0] != 1 or ids.ndim == 0:
+            raise ValueError(f"get_token_position reads one sequence ([pos] or [1 pos]), not shape {tuple(ids.shape)}; loop over a batch.")
+        ids = ids.reshape(-1)
+    hits = (ids.cpu() == t).nonzero()[:, 0]
+    if not len(hits):
+        hint = _respaced_hint(tok, single_token, ids.tolist()) if isinstance(single_token, str) else ""
+        raise ValueError(f"The token {token_strs(tok, [t])[0]!r} (id {t}) is not in the input, whose tokens are "
+                         f"{token_strs(tok, ids)}.{hint}")
+    return int(hits[0] if mode == "first" else hits[-1])

@@ -3,9 +3,10 @@
 Each check compares a headscope hook point with an independent reference: a plain Hugging Face
 forward (`output_hidden_states`, eager `output_attentions`), the model's own submodules applied to
 cached inputs, or a float64 recomputation of attention."""
-import torch
-from headscope.arch import model_hook_names, blocks, get_module, arch_spec, model_dims
-from headscope.hooking import run_with_hooks
+import math, torch
+from torch import nn
+from headscope.arch import model_hook_names, blocks, get_module, arch_spec, model_dims, post_rotary_kind, hook_shape
+from headscope.hooking import run_with_hooks, ablate
 from headscope.cache import run_with_cache
 
 O_PROJ = {"gpt2": "c_proj", "gpt_neox": "dense"}   # output projection inside the attention module; others: o_proj
@@ -76,12 +77,13 @@ def check_attention_float64(model, c, atol=1e-5):
     "scores = q.k * scale (+ softcap), pattern = softmax(scores), z = pattern @ v, recomputed in float64"
     d = model_dims(model)
     rep = d.n_heads // d.n_kv_heads
+    qk, kk = post_rotary_kind(model, "q"), post_rotary_kind(model, "k")   # what attention scores with: after rotary
     for l, blk in enumerate(blocks(model)):
         attn = get_module(blk, arch_spec(model).attn)
-        q = c["q", l].double().transpose(1, 2)
-        k = c["k", l].double().transpose(1, 2).repeat_interleave(rep, 1)
+        q = c[qk, l].double().transpose(1, 2)
+        k = c[kk, l].double().transpose(1, 2).repeat_interleave(rep, 1)
         v = c["v", l].double().transpose(1, 2).repeat_interleave(rep, 1)
-        s = q @ k.transpose(-1, -2) * attn.scaling
+        s = q @ k.transpose(-1, -2) * getattr(attn, "scaling", d.d_head ** -0.5)   # transformers 4.56's GPT-2 has no `scaling`
         cap = getattr(attn, "attn_logit_softcapping", None)
         if cap: s = torch.tanh(s / cap) * cap
         sc = c["attn_scores", l]
@@ -97,19 +99,174 @@ def check_attention_float64(model, c, atol=1e-5):
 
 def check_replace_with_cached(model, c, atol, names=None):
     ids = c.inputs["input_ids"]
-    for n in names or model_hook_names(model):
+    for n in names or list(c):
         v = c[n].clone()
         out = run_with_hooks(model, ids, [(n, lambda a, h, v=v: v)])
         assert maxdiff(out, c.logits) <= atol, n
 
 def check_replacement_changes_downstream(model, c, layer=0):
-    "a replaced point really feeds forward: doubling it changes the logits"
+    "a replaced point really feeds forward: doubling it (or, for points a norm follows, mixing its features) changes the logits"
     ids = c.inputs["input_ids"]
     for kind in ["hook_resid_pre", "attn.hook_attn_scores", "attn.hook_v", "mlp.hook_pre", "mlp.hook_post", "hook_resid_mid"]:
         n = f"blocks.{layer}.{kind}"
         if n not in c: continue
         out = run_with_hooks(model, ids, [(n, lambda a, h: a * 2)])
         assert maxdiff(out, c.logits) > 1e-4, n
+    # a LayerNorm ignores a doubling and q/k norms undo it, so these get a change of direction (a scale [.. 1] doubles)
+    for kind in ["hook_attn_in", "ln1.hook_scale", "attn.hook_q", "attn.hook_k", "attn.hook_rot_q", "attn.hook_rot_k",
+                 "attn.hook_result", "hook_mlp_in", "ln2.hook_scale"]:
+        n = f"blocks.{layer}.{kind}"
+        if n not in model_hook_names(model): continue
+        out = run_with_hooks(model, ids, [(n, lambda a, h: a + a.roll(1, -1))])
+        assert maxdiff(out, c.logits) > 1e-4, n
+    assert maxdiff(run_with_hooks(model, ids, [("ln_final.hook_scale", lambda s, h: 2 * s)]), c.logits) > 1e-4
+
+def check_shapes(model, c):
+    "every cached point has the shape its dimension words say"
+    b, p = c.inputs["input_ids"].shape
+    for n, v in c.items():
+        want = hook_shape(model, n, b, p)
+        if n == "hook_pos_embed" and v.shape[0] == 1: want = (1,) + want[1:]   # unpadded: one row, shared by the batch
+        assert tuple(v.shape) == want, (n, tuple(v.shape))
+
+def _norms(model, c):
+    "[(name prefix, norm module, what it read)] for ln1, ln2 of every layer and ln_final, from the cache"
+    sp, d = arch_spec(model), model_dims(model)
+    out = []
+    for l, blk in enumerate(blocks(model)):
+        if sp.ln1: out.append((f"blocks.{l}.ln1", get_module(blk, sp.ln1), c["resid_pre", l]))
+        if sp.ln2: out.append((f"blocks.{l}.ln2", get_module(blk, sp.ln2), c["resid_pre" if d.parallel else "resid_mid", l]))
+    return out + [("ln_final", get_module(model, sp.ln_final), c["resid_post", d.n_layers - 1])]
+
+def _eps(norm): return next(getattr(norm, a) for a in ("variance_epsilon", "eps") if hasattr(norm, a))
+
+def check_scales(model, c, atol):
+    "hook_scale is TransformerLens' divisor, recomputed in float64, and the norm's output is its input divided by it"
+    for pre, norm, x in _norms(model, c):
+        s, out = c[f"{pre}.hook_scale"], c[f"{pre}.hook_normalized"]
+        assert s.dtype in (torch.float32, torch.float64) and s.shape == (*x.shape[:-1], 1), pre
+        x = x.double()
+        ln = isinstance(norm, nn.LayerNorm)                         # GPT-2 and GPT-NeoX; the others are RMSNorms
+        xc = x - x.mean(-1, keepdim=True) if ln else x
+        ref = (xc.pow(2).mean(-1, keepdim=True) + _eps(norm)).sqrt()
+        assert (s.double() / ref - 1).abs().max() <= atol, pre                # relative: residual norms grow with depth
+        with torch.no_grad():   # the gain: LayerNorm's weight; an RMSNorm's (w, or Gemma's 1 + w) read on ones, whose scale is sqrt(1 + eps)
+            gain = norm.weight.double() if ln else norm(torch.ones_like(x[0, 0]).to(norm.weight.dtype)).double() * math.sqrt(1 + _eps(norm))
+        bias = getattr(norm, "bias", None)
+        ref = xc / s.double() * gain + (bias.double() if bias is not None else 0)
+        assert maxdiff(ref, out) <= 10 * atol * max(1., out.abs().max().item()), pre
+
+def check_scale_edits(model, ids, atol):
+    "an edited scale is what the norm divides by: doubling it equals replacing the norm's output by bias + (out - bias) / 2"
+    with torch.no_grad(): plain = model(ids).logits
+    sp, blk = arch_spec(model), blocks(model)[0]
+    for pre, path, root in (("blocks.0.ln1", sp.ln1, blk), ("blocks.0.ln2", sp.ln2, blk), ("ln_final", sp.ln_final, model)):
+        if path is None: continue
+        b = getattr(get_module(root, path), "bias", None)
+        halve = lambda o, h: (o - b) / 2 + b if b is not None else o / 2
+        got = run_with_hooks(model, ids, [(f"{pre}.hook_scale", lambda s, h: 2 * s)])
+        ref = run_with_hooks(model, ids, [(f"{pre}.hook_normalized", halve)])
+        assert maxdiff(got, ref) <= atol and maxdiff(got, plain) > 1e-4, pre
+
+def check_result(model, c, atol):
+    "each head's write: the output projection of z with every other head zeroed, minus the bias; the writes plus the bias are the projection of z"
+    sp, d, arch = arch_spec(model), model_dims(model), model.config.model_type
+    with torch.no_grad():
+        for l, blk in enumerate(blocks(model)):
+            proj = getattr(get_module(blk, sp.attn), O_PROJ.get(arch, "o_proj"))
+            z, r = c["z", l], c["result", l]
+            b = proj.bias if getattr(proj, "bias", None) is not None else 0
+            for h in range(d.n_heads):
+                zh = torch.zeros_like(z); zh[:, :, h] = z[:, :, h]
+                assert maxdiff(r[:, :, h], proj(zh.flatten(-2)) - b) <= atol, (l, h)
+            o = proj(z.flatten(-2))
+            assert maxdiff(r.sum(-2) + b, o) <= atol, l
+            if sp.attn_out == sp.attn: assert maxdiff(r.sum(-2) + b, c["attn_out", l]) <= atol, l   # no norm after attention
+
+def check_result_edits(model, ids, atol, layers=None):
+    "zeroing head h's write equals zeroing its z, and changes the logits"
+    with torch.no_grad(): plain = model(ids).logits
+    d = model_dims(model)
+    for l in layers or range(d.n_layers):
+        for h in (0, d.n_heads - 1):
+            a = run_with_hooks(model, ids, [(f"blocks.{l}.attn.hook_result", ablate(head=h))])
+            z = run_with_hooks(model, ids, [(f"blocks.{l}.attn.hook_z", ablate(head=h))])
+            assert maxdiff(a, z) <= atol and maxdiff(z, plain) > 1e-4, (l, h)
+
+def check_sublayer_inputs(model, c, atol):
+    "hook_attn_in is resid_pre; hook_mlp_in is resid_mid (resid_pre in parallel blocks)"
+    d = model_dims(model)
+    for l in range(d.n_layers):
+        assert torch.equal(c["attn_in", l], c["resid_pre", l]), l
+        assert maxdiff(c["mlp_in", l], c["resid_pre" if d.parallel else "resid_mid", l]) <= atol, l
+
+def check_sublayer_input_edits(model, ids, atol, l=0):
+    "editing attn_in (mlp_in) by v moves that sublayer's output as editing its residual input by v does, and leaves the residual alone"
+    d = model_dims(model)
+    v = torch.randn(d.d_model, generator=torch.Generator().manual_seed(3)).to(next(model.parameters()))
+    add = lambda a, h: a + v
+    nm = lambda k: f"blocks.{l}.{k}"
+    names = [nm(k) for k in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")] + ([] if d.parallel else [nm("hook_resid_mid")])
+    cache = lambda fwd: run_with_cache(model, ids, names=names, fwd_hooks=fwd)
+    plain, a_in, pre_v = cache([]), cache([(nm("hook_attn_in"), add)]), cache([(nm("hook_resid_pre"), add)])
+    assert torch.equal(a_in[nm("hook_resid_pre")], plain[nm("hook_resid_pre")])
+    assert maxdiff(a_in[nm("hook_attn_out")], pre_v[nm("hook_attn_out")]) <= atol and maxdiff(a_in[nm("hook_attn_out")], plain[nm("hook_attn_out")]) > 1e-4
+    r, ao, mo = (a_in[nm(k)] for k in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out"))
+    if d.parallel:
+        assert maxdiff(mo, plain[nm("hook_mlp_out")]) <= atol                 # the MLP reads the unedited residual
+        assert maxdiff(a_in[nm("hook_resid_post")], r + ao + mo) <= atol
+    else: assert maxdiff(a_in[nm("hook_resid_mid")], r + ao) <= atol
+    src = "hook_resid_pre" if d.parallel else "hook_resid_mid"
+    m_in, src_v = cache([(nm("hook_mlp_in"), add)]), cache([(nm(src), add)])
+    assert maxdiff(m_in[nm("hook_mlp_out")], src_v[nm("hook_mlp_out")]) <= atol and maxdiff(m_in[nm("hook_mlp_out")], plain[nm("hook_mlp_out")]) > 1e-4
+    assert maxdiff(m_in[nm("hook_attn_out")], plain[nm("hook_attn_out")]) <= atol
+    base = m_in[nm("hook_resid_pre")] + m_in[nm("hook_attn_out")] if d.parallel else m_in[nm("hook_resid_mid")]
+    assert maxdiff(m_in[nm("hook_resid_post")], base + m_in[nm("hook_mlp_out")]) <= atol
+
+def _q_k_projected(model, l, x):
+    "queries and keys `[batch pos head d_head]` of layer l's projections applied to its input x, split as each model stores them"
+    sp, d = arch_spec(model), model_dims(model)
+    H, KV, D = d.n_heads, d.n_kv_heads, d.d_head
+    blk = blocks(model)[l]
+    if sp.qkv_fused == "heads":      # GPT-NeoX: per head, [q k v]
+        qkv = get_module(blk, sp.q_proj)(x).unflatten(-1, (H, 3 * D))
+        return qkv[..., :D], qkv[..., D:2 * D]
+    if sp.qkv_fused == "concat":     # Phi-3: [q | k | v]
+        qkv = get_module(blk, sp.q_proj)(x)
+        return qkv[..., :H * D].unflatten(-1, (H, D)), qkv[..., H * D:(H + KV) * D].unflatten(-1, (KV, D))
+    return get_module(blk, sp.q_proj)(x).unflatten(-1, (H, D)), get_module(blk, sp.k_proj)(x).unflatten(-1, (KV, D))
+
+def _qk_normed(model, l, t, which):
+    "`t` `[batch pos head d_head]` through the attention's q (k) norm, where the model has one (Qwen 3, Gemma 3: per head; OLMo 2: whole width)"
+    norm = getattr(get_module(blocks(model)[l], arch_spec(model).attn), f"{which}_norm", None)
+    if norm is None: return t
+    return norm(t.flatten(-2)).view_as(t) if norm.weight.numel() != t.shape[-1] else norm(t)
+
+def check_qk(model, c, atol):
+    "hook_q/hook_k are the projections of the attention's input; rot_q/rot_k are them normed (if the model norms them) and rotated"
+    sp = arch_spec(model)
+    if not sp.rotary: return
+    with torch.no_grad():
+        for l in range(model_dims(model).n_layers):
+            x = c[f"blocks.{l}.ln1.hook_normalized"] if sp.ln1 else c["resid_pre", l]
+            for which, ref in zip("qk", _q_k_projected(model, l, x)):
+                pre, rot = c[which, l], c[f"rot_{which}", l]
+                assert maxdiff(pre, ref) <= atol, (l, which)
+                n = _qk_normed(model, l, pre, which)
+                assert maxdiff(rot[:, 0], n[:, 0]) <= atol, (l, which)                       # position 0 is not rotated
+                assert maxdiff(rot.norm(dim=-1), n.norm(dim=-1)) <= 10 * atol, (l, which)    # a rotation keeps lengths
+                assert maxdiff(rot[:, 1:], n[:, 1:]) > 1e-3, (l, which)                        # later positions are rotated
+
+def check_qk_edits_flow_through_rotary(model, ids, other, atol, l=0):
+    "giving run A the pre-rotary q (k) of run B gives it B's post-rotary q (k): an edit at hook_q goes through the norm and rotary"
+    if not arch_spec(model).rotary: return
+    names = [f"blocks.{l}.attn.hook_{k}" for k in ("q", "k", "rot_q", "rot_k")]
+    a, b = run_with_cache(model, ids, names=names), run_with_cache(model, other, names=names)
+    for which in "qk":
+        n = f"blocks.{l}.attn.hook_{which}"
+        swapped = run_with_cache(model, ids, names=names, fwd_hooks=[(n, lambda act, h: b[n])])
+        assert maxdiff(swapped[f"blocks.{l}.attn.hook_rot_{which}"], b[f"blocks.{l}.attn.hook_rot_{which}"]) <= atol, which
+        assert maxdiff(swapped.logits, a.logits) > 1e-4, which
 
 def hook_state(model):
     "Every PyTorch hook and headscope mark on `model`, and its attention implementation(s): a snapshot to compare"

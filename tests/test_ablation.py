@@ -85,7 +85,7 @@ def test_gqa_keys_values_and_other_heads_untouched():
     "Ablating one query head changes only its z; the shared K/V and the group's other query heads are as before"
     m = tiny_model("qwen2", n_layers=2, n_heads=4, n_kv_heads=2, seed=0)
     toks = _toks(2, (2, 7))
-    names = ["blocks.1.attn.hook_k", "blocks.1.attn.hook_v", "blocks.1.attn.hook_z"]
+    names = ["blocks.1.attn.hook_rot_k", "blocks.1.attn.hook_v", "blocks.1.attn.hook_z"]
     clean = run_with_cache(m, toks, names=names)
     abl = run_with_cache(m, toks, names=names, fwd_hooks=ablate_heads(m, ["L1H2"]))
     for n in names[:2]: assert torch.equal(clean[n], abl[n])

@@ -8,7 +8,7 @@ receiver alone (a pre-hook on its norm, or its own q/k/v recomputed from a pertu
 import pytest, torch
 from torch import nn
 from headscope.models import tiny_model
-from headscope.arch import model_dims, arch_spec, blocks, get_module
+from headscope.arch import model_dims, arch_spec, blocks, get_module, act_name, post_rotary_kind
 from headscope.cache import run_with_cache
 from headscope.hooking import hooks, forward
 from headscope.causal.metrics import logit_diff, agreement
@@ -63,7 +63,7 @@ def test_grids_match_patching(arch):
 def test_cells_are_directional_derivatives(kind, pos, layer, head, p):
     m = model_for("llama", dtype=torch.float64)
     clean, corrupt = prompts()
-    name = f"blocks.{layer}.{KINDS[kind]}"
+    name = act_name(post_rotary_kind(m, kind), layer)   # q, k: what attention scores with (hook_rot_q/rot_k: Llama has rotary)
     cc = run_with_cache(m, clean, names=[name])
     pa = 2 if kind == "pattern" else 1
     ha = 1 if kind == "pattern" else 2

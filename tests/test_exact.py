@@ -1,7 +1,7 @@
 """Every hook point of every tiny architecture equals an independent recomputation (see `_checks.py`)."""
 import pytest, torch
 from headscope.models import tiny_model, TINY_ARCHS
-from headscope.arch import model_dims
+from headscope.arch import model_dims, model_hook_names
 from headscope.cache import run_with_cache
 from _checks import *
 
@@ -18,7 +18,7 @@ def model(request): return tiny_model(request.param, n_layers=2)
 def eager_model(model): return tiny_model(model.config.model_type.replace("_text", ""), n_layers=2, attn_implementation="eager")
 
 @pytest.fixture(scope="module")
-def cache(model): return run_with_cache(model, ids_for(model))
+def cache(model): return run_with_cache(model, ids_for(model), names=model_hook_names(model))   # every point, opt-in ones too
 
 def test_noop_hooks_keep_logits(model): check_noop_hooks_keep_logits(model, ids_for(model), ATOL)
 def test_eager_model_bitwise(eager_model): check_eager_bitwise(eager_model, ids_for(eager_model))
@@ -28,10 +28,38 @@ def test_block_algebra(model, cache): check_block_algebra(model, cache, ATOL)
 def test_attention_float64(model, cache): check_attention_float64(model, cache)
 def test_replace_every_point_with_its_cached_value(model, cache): check_replace_with_cached(model, cache, ATOL)
 def test_replacement_changes_downstream(model, cache): check_replacement_changes_downstream(model, cache)
+def test_shapes_follow_dimension_words(model, cache): check_shapes(model, cache)
+
+# the points TransformerLens users expect beyond the core set
+def test_result_is_each_heads_write(model, cache): check_result(model, cache, ATOL)
+def test_result_edit_equals_z_edit(model): check_result_edits(model, ids_for(model), ATOL)
+def test_scale_is_the_norms_divisor(model, cache): check_scales(model, cache, ATOL)
+def test_scale_edit_divides(model): check_scale_edits(model, ids_for(model), ATOL)
+def test_attn_in_mlp_in_are_the_sublayer_inputs(model, cache): check_sublayer_inputs(model, cache, ATOL)
+def test_attn_in_mlp_in_edits_reach_one_sublayer(model): check_sublayer_input_edits(model, ids_for(model), ATOL)
+def test_q_k_before_rotary_rot_q_k_after(model, cache): check_qk(model, cache, ATOL)
+def test_q_k_edits_flow_through_rotary(model): check_qk_edits_flow_through_rotary(model, ids_for(model), ids_for(model, seed=2), ATOL)
+
+def test_opt_in_points_only_when_named(model):
+    "hook_result, hook_attn_in, hook_mlp_in exist, but `names=None` (everything) leaves them out, as TransformerLens' flags do"
+    c = run_with_cache(model, ids_for(model))
+    opt = [n for n in model_hook_names(model) if n.endswith(("attn.hook_result", "hook_attn_in", "hook_mlp_in"))]
+    assert len(opt) == 3 * model_dims(model).n_layers and not set(opt) & set(c)
+    assert set(c) | set(opt) == set(model_hook_names(model))
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_result_float64(arch):
+    "in float64 the writes of the heads add up to the output projection to rounding"
+    m = tiny_model(arch, n_layers=2, dtype=torch.float64)
+    ids = ids_for(m)
+    c = run_with_cache(m, ids, names=lambda n: n.endswith(("attn.hook_z", "attn.hook_result", "hook_attn_out")))
+    check_result(m, c, 1e-12)
+    check_result_edits(m, ids, 1e-12)
 
 def test_gpt2_qkv_from_c_attn():
     m = tiny_model("gpt2"); ids = ids_for(m)
     c = run_with_cache(m, ids, names=["blocks.0.ln1.hook_normalized", "blocks.0.attn.hook_q", "blocks.0.attn.hook_k", "blocks.0.attn.hook_v"])
+    assert "blocks.0.attn.hook_rot_q" not in model_hook_names(m)    # learned positions: q and k are what attention scores with
     with torch.no_grad(): qkv = m.transformer.h[0].attn.c_attn(c["blocks.0.ln1.hook_normalized"])
     d = model_dims(m)
     for part, key in zip(qkv.split(d.d_model, -1), ("q", "k", "v")):

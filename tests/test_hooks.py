@@ -154,11 +154,12 @@ def test_thousand_forwards_no_leftovers_no_growth():
     "1,000 cached forwards, a third raising inside a hook: no hooks left, memory flat"
     m = tiny_model("llama", n_layers=2)
     ids = torch.randint(3, 200, (2, 16))
-    names = ["blocks.*.hook_resid_post", "blocks.*.attn.hook_pattern", "blocks.*.attn.hook_z"]
+    names = ["blocks.*.hook_resid_post", "blocks.*.attn.hook_pattern", "blocks.*.attn.hook_z", "blocks.*.attn.hook_result",
+             "blocks.*.ln1.hook_scale", "blocks.*.hook_attn_in", "blocks.*.attn.hook_rot_q", "ln_final.hook_scale"]
     def boom(a, h): raise RuntimeError("boom")
     def run(i):
         try:
-            run_with_cache(m, ids, names=names, fwd_hooks=[("blocks.1.attn.hook_q", boom)] if i % 3 == 0 else ())
+            run_with_cache(m, ids, names=names, fwd_hooks=[(("blocks.1.attn.hook_q", "blocks.1.attn.hook_rot_k")[i % 2], boom)] if i % 3 == 0 else ())
         except RuntimeError: pass
     for i in range(100): run(i)
     gc.collect(); start = _rss_mb()
@@ -206,3 +207,50 @@ def test_run_until_stops_and_cleans_up():
     def boom(a, h): raise RuntimeError("boom")
     with pytest.raises(RuntimeError, match="boom"): run_until(m, x, [("blocks.0.attn.hook_z", boom)], stop_at_layer=2)
     assert_no_hooks(m)
+
+# ---------------------------------------------------------------------------------------- the points TransformerLens adds
+
+NEW_POINTS = ("hook_attn_in", "ln1.hook_scale", "attn.hook_q", "attn.hook_k", "attn.hook_rot_q", "attn.hook_rot_k",
+              "attn.hook_result", "hook_mlp_in", "ln2.hook_scale", "ln_final.hook_scale")
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_new_points_leave_nothing_behind(arch):
+    "reading every new point, then a hook raising at each one mid-forward: no hook, tap or attention switch is left"
+    m = tiny_model(arch, n_layers=2)
+    impl, ids = m.config._attn_implementation, torch.randint(3, 200, (2, 6))
+    names = [n for n in model_hook_names(m) if n.endswith(NEW_POINTS)]
+    assert len(names) >= 2 * 5 + 1
+    with torch.no_grad(): plain = m(ids).logits
+    c = run_with_cache(m, ids, names=names)
+    assert set(c) == set(names) and torch.equal(c.logits, plain)
+    assert_no_hooks(m); assert m.config._attn_implementation == impl
+    def boom(a, h): raise RuntimeError("boom")
+    for n in names:
+        with pytest.raises(RuntimeError, match="boom"): run_with_cache(m, ids, names=names, fwd_hooks=[(n, boom)])
+        assert_no_hooks(m); assert m.config._attn_implementation == impl, n
+
+def _hooked(m):
+    return {n for n, mod in m.named_modules() if mod._forward_hooks or mod._forward_pre_hooks}
+
+def test_new_points_cost_nothing_unless_asked():
+    "a forward that does not ask for a point registers nothing for it; pre-rotary q, scales and results never leave SDPA"
+    m = tiny_model("phi3", n_layers=2)
+    with hooks(m, [("blocks.0.hook_resid_post", lambda a, h: None)]):
+        assert _hooked(m) == {"", "model.layers.0"}                         # the positions pre-hook and the block
+    asks = {"blocks.1.attn.hook_result": "model.layers.1.self_attn.o_proj", "blocks.1.attn.hook_q": "model.layers.1.self_attn.qkv_proj",
+            "blocks.1.ln2.hook_scale": "model.layers.1.post_attention_layernorm", "blocks.1.hook_mlp_in": "model.layers.1.post_attention_layernorm",
+            "ln_final.hook_scale": "model.norm", "blocks.0.hook_attn_in": "model.layers.0.input_layernorm"}
+    for name, module in asks.items():
+        with hooks(m, [(name, lambda a, h: None)]):
+            assert _hooked(m) == {"", module}, name
+            assert m.config._attn_implementation == "sdpa", name
+    with hooks(m, [("blocks.1.attn.hook_rot_q", lambda a, h: None)]):   # post-rotary: inside the attention function
+        assert m.config._attn_implementation.startswith("headscope") and _hooked(m) == {""}
+    assert_no_hooks(m)
+
+def test_act_name_tl_forms():
+    "TransformerLens' get_act_name forms for the new points"
+    from headscope.arch import act_name
+    assert act_name("scale", 2, "ln2") == "blocks.2.ln2.hook_scale" and act_name("scale") == "ln_final.hook_scale"
+    assert act_name("result", 1) == "blocks.1.attn.hook_result" and act_name("rot_q", 0) == "blocks.0.attn.hook_rot_q"
+    assert act_name("attn_in", 3) == "blocks.3.hook_attn_in" and act_name("mlp_in", 3) == "blocks.3.hook_mlp_in"

@@ -5,8 +5,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PKG = ROOT / "headscope"
-CORE = {"models", "arch", "tokens", "attention", "hooking", "interventions", "cache", "results"}
-ANALYSES = {"heads", "causal", "probes", "sae", "toys"}
+CORE = {"models", "norms", "arch", "tokens", "attention", "hooking", "interventions", "decompose", "cache", "results"}
+ANALYSES = {"heads", "causal", "probes", "sae", "toys", "weights"}
 TOP = {"report", "cli"}
 PURE_FOR_VIEWS = {"tokens", "results", "arch", "causal.metrics", "views"}   # what a view may import: no model runs
 

@@ -115,7 +115,7 @@ def test_gqa_kv_receivers(prompts):
     assert torch.equal(test([(2, 2)], "k").isnan(), test([(2, 3)], "k").isnan())
     assert torch.allclose(test([(2, 2)], "k").nan_to_num(), test([(2, 3)], "k").nan_to_num(), atol=1e-6)
     assert not torch.allclose(test([(2, 2)], "q").nan_to_num(), test([(2, 3)], "q").nan_to_num(), atol=1e-4)
-    assert _rec_heads(m, [("head", 2, 3)], "qkv") == {"blocks.2.attn.hook_q": [3], "blocks.2.attn.hook_k": [1], "blocks.2.attn.hook_v": [1]}
+    assert _rec_heads(m, [("head", 2, 3)], "qkv") == {"blocks.2.attn.hook_rot_q": [3], "blocks.2.attn.hook_rot_k": [1], "blocks.2.attn.hook_v": [1]}
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "gemma2", "phi3", "olmo2"])
 def test_batched_equals_one_per_forward(arch, prompts):

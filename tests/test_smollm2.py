@@ -33,8 +33,26 @@ def test_attention_float64(smollm2, cache): check_attention_float64(smollm2, cac
 def test_replacement_changes_downstream(smollm2, cache): check_replacement_changes_downstream(smollm2, cache, layer=3)
 
 def test_replace_with_cached(smollm2, cache):
-    names = [n for n in model_hook_names(smollm2) if not n.startswith("blocks.") or n.split(".")[1] in ("0", "14", "29")]
+    names = [n for n in cache if not n.startswith("blocks.") or n.split(".")[1] in ("0", "14", "29")]
     check_replace_with_cached(smollm2, cache, ATOL, names)
+
+@pytest.fixture(scope="module")
+def full(smollm2, ids): return run_with_cache(smollm2, ids, names=model_hook_names(smollm2))   # the opt-in points too
+
+def test_points_tl_adds(smollm2, ids, full):
+    "hook_result, hook_scale, hook_attn_in/mlp_in, pre- and post-rotary q/k on all 30 layers, and their edits on three"
+    check_shapes(smollm2, full)
+    check_result(smollm2, full, ATOL)
+    check_scales(smollm2, full, 1e-5)
+    check_sublayer_inputs(smollm2, full, 1e-5)
+    check_qk(smollm2, full, 1e-5)
+    check_result_edits(smollm2, ids, ATOL, layers=[0, 29])
+    check_scale_edits(smollm2, ids, ATOL)
+    check_sublayer_input_edits(smollm2, ids, ATOL, l=14)
+    other = to_inputs(smollm2, "The Eiffel Tower is located in the city of Paris, which is")["input_ids"][:, :ids.shape[1]]
+    check_qk_edits_flow_through_rotary(smollm2, ids, other, 1e-5, l=14)
+    new = [n for n in full if n.split(".")[1:2] in (["0"], ["29"]) and n.endswith(("hook_result", "hook_scale", "hook_attn_in", "hook_mlp_in", "hook_q", "hook_k", "rot_q", "rot_k"))]
+    check_replace_with_cached(smollm2, full, ATOL, new + ["ln_final.hook_scale"])
 
 def test_cache_bytes_and_sharing(smollm2, cache):
     from headscope.cache import estimate_cache

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
 from tqdm.auto import tqdm
-from ..arch import model_dims, arch_spec, hook_points, head_out_weights
+from ..arch import model_dims, arch_spec, hook_points, head_out_weights, post_rotary_kind
 from ..hooking import hooks, forward
 from ..tokens import token_strs
 from ..cache import run_with_cache
@@ -208,12 +208,13 @@ def edge_attribution_patching(model:nn.Module,
     cc = run_with_cache(model, xc, names=[nm(0, "hook_resid_pre")] + [nm(l, s) for l in range(L) for s in ("attn.hook_z", "hook_mlp_out")])
     with torch.no_grad(): mc = check_metric(metric, cc.logits[:, -1], "Edge attribution patching").float()   # [batch], checked first
     m_clean = float(mc.mean())
-    sites = ("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_pattern", "attn.hook_z", "hook_resid_mid", "hook_mlp_out")
+    sq, sk = (f"attn.hook_{post_rotary_kind(model, s)}" for s in "qk")   # what attention scores with: post-rotary where there is rotary
+    sites = ("hook_resid_pre", sq, sk, "attn.hook_v", "attn.hook_pattern", "attn.hook_z", "hook_resid_mid", "hook_mlp_out")
     raw = {p: torch.zeros(N, N) for p in ("q", "k", "v", "resid")}
     eye = torch.eye(H)
     with frozen_params(model), torch.enable_grad():
         m, acts, deltas, mk = _grad_forward(model, xk, [nm(l, s) for l in range(L) for s in sites], metric)
-        want = [nm(l, s) for l in range(L) for s in ("attn.hook_q", "attn.hook_pattern", "attn.hook_z", "hook_mlp_out")]
+        want = [nm(l, s) for l in range(L) for s in (sq, "attn.hook_pattern", "attn.hook_z", "hook_mlp_out")]
         G = dict(zip(want, torch.autograd.grad(m, [deltas[n] for n in want], retain_graph=True)))   # the one backward
         with torch.no_grad():   # what each node writes, clean minus corrupted: D [node batch pos d_model]
             D = torch.zeros((N,) + tuple(acts[nm(0, "hook_resid_pre")].shape))
@@ -227,10 +228,10 @@ def edge_attribution_patching(model:nn.Module,
         score = lambda g: D @ g.float().flatten(1).T                                       # [node receiver]
         for l in tqdm(range(L), desc="edge attribution", disable=not progress, leave=False):
             rp = deltas[nm(l, "hook_resid_pre")]
-            q, k, v, p, z = (acts[nm(l, f"attn.hook_{s}")] for s in ("q", "k", "v", "pattern", "z"))
+            q, k, v, p, z = (acts[nm(l, s)] for s in (sq, sk, "attn.hook_v", "attn.hook_pattern", "attn.hook_z"))
             hd = slice(ix[f"L{l}H0"], ix[f"L{l}H0"] + H)
             # each query head's own share of the gradient at q, at its KV head's k (through its pattern) and v (through its z)
-            gq = G[nm(l, "attn.hook_q")][None] * eye[:, None, None, :, None]         # [head batch pos head d_head]
+            gq = G[nm(l, sq)][None] * eye[:, None, None, :, None]                   # [head batch pos head d_head]
             gk = _vjp(p, k, G[nm(l, "attn.hook_pattern")][None] * eye[:, None, :, None, None])
             gv = _vjp(z, v, G[nm(l, "attn.hook_z")][None] * eye[:, None, None, :, None])
             for part, out, g in (("q", q, gq), ("k", k, gk), ("v", v, gv)):

@@ -9,11 +9,12 @@ import torch
 from torch import nn, Tensor
 from ..arch import arch_spec, get_module, model_dims
 from ..hooking import forward
-from ..tokens import to_inputs, token_strs, pos_index, single_token_ids   # token_strs, pos_index: re-exported for old imports
+from ..tokens import to_inputs, to_tokens, token_strs, pos_index, single_token_ids   # token_strs, pos_index: re-exported for old imports
 from ..cache import run_with_cache, ActivationCache
 
 # %% auto #0
-__all__ = ['Predictions', 'top_predictions', 'apply_final_norm', 'unembed', 'LogitLens', 'resid_names', 'logit_lens']
+__all__ = ['Predictions', 'top_predictions', 'PromptTest', 'test_prompt', 'apply_final_norm', 'unembed', 'LogitLens',
+           'resid_names', 'logit_lens']
 
 # %% ../../nbs/26_causal.lens.ipynb #e2e488df
 @dataclass
@@ -67,15 +68,94 @@ def top_predictions(model:nn.Module,
         with torch.no_grad(): logits = forward(model, x).logits
     idx = pos_index(x, pos)
     rows = torch.arange(len(idx), device=idx.device)
-    last = logits[rows, idx].float()                       # [batch d_vocab]
-    probs = last.softmax(-1)
-    top = probs.topk(k, dim=-1)
     tok, ids = model.tokenizer, x["input_ids"]
-    return Predictions(ids=top.indices.cpu(), tokens=[token_strs(tok, r) for r in top.indices],
-                       probs=top.values.cpu(), logits=last.gather(-1, top.indices).cpu(),
-                       prompts=[tok.decode(r[m.bool()] if m is not None else r, skip_special_tokens=True)
-                                for r, m in zip(ids, x.get("attention_mask", [None] * len(ids)))],
-                       context=token_strs(tok, ids[rows, idx]), pos=pos)
+    return _predictions(tok, logits[rows, idx].float(), k,
+                        prompts=[tok.decode(r[m.bool()] if m is not None else r, skip_special_tokens=True)
+                                 for r, m in zip(ids, x.get("attention_mask", [None] * len(ids)))],
+                        context=token_strs(tok, ids[rows, idx]), pos=pos)
+
+def _predictions(tok, last:Tensor, k:int, prompts:list, context:list, pos:int=-1)->Predictions:
+    "`Predictions` of next-token logits `last` `[n d_vocab]`, row i read after `context[i]`, the last token of `prompts[i]`"
+    top = last.softmax(-1).topk(k, dim=-1)
+    return Predictions(ids=top.indices.cpu(), tokens=[token_strs(tok, r) for r in top.indices], probs=top.values.cpu(),
+                       logits=last.gather(-1, top.indices).cpu(), prompts=prompts, context=context, pos=pos)
+
+# %% ../../nbs/26_causal.lens.ipynb #60472f4f
+@dataclass
+class PromptTest:
+    "How `model` continues `prompt` with `answer`, token by token (teacher-forced): what TransformerLens' `test_prompt` prints"
+    prompt: str
+    answer: str           # as scored: with the leading space `test_prompt` may add
+    prompt_tokens: list   # [pos] the prompt's tokens
+    answer_tokens: list   # [answer] the answer's tokens
+    answer_ids: Tensor    # [answer]
+    ranks: Tensor         # [answer] 0 = the model's first choice (the number of tokens strictly more likely)
+    logits: Tensor        # [answer]
+    probs: Tensor         # [answer] softmax over the whole vocabulary
+    top: Predictions      # row i: the top-k tokens where answer token i is predicted
+
+    @property
+    def rank(self)->int: "Rank of the first answer token"; return int(self.ranks[0])
+
+    def __repr__(self):
+        out = [f"Tokenized prompt: {self.prompt_tokens}", f"Tokenized answer: {self.answer_tokens}"]
+        for i, t in enumerate(self.answer_tokens):
+            out.append(f"Answer token {i} {t!r}: rank {int(self.ranks[i])}, logit {float(self.logits[i]):.2f}, prob {float(self.probs[i]):.2%}")
+            out += [f"  top {r}: logit {float(l):6.2f}  prob {float(p):7.2%}  {s!r}"
+                    for r, (s, l, p) in enumerate(zip(self.top.tokens[i], self.top.logits[i], self.top.probs[i]))]
+        return "\n".join(out + [f"Ranks of the answer tokens: {[(t, int(r)) for t, r in zip(self.answer_tokens, self.ranks)]}"])
+
+    def _repr_html_(self)->str: return _prompt_test_html(self)
+
+def _prompt_test_html(r:PromptTest)->str:
+    "The prompt and answer tokens, a row per answer token (rank, logit, probability), then the top-k before each; tokens escaped"
+    from headscope.views.style import PANEL
+    from headscope.views.causal import predictions_html
+    from headscope.tokens import visible
+    ink = "color:#111111;background-color:#ffffff"          # on every element: dark themes restyle some tags directly
+    td, th = f"{ink};border:1px solid #d9dce1;padding:2px 6px", "color:#111111;background-color:#f3f4f6;border:1px solid #d9dce1;padding:2px 6px"
+    chips = lambda ts: " ".join(f"<code style='color:#111111;background-color:#f3f4f6'>{visible(t)}</code>" for t in ts)
+    rows = "".join(f"<tr style='{ink}'><td style='{td}'>{i}</td><td style='{td}'>{chips([t])}</td><td style='{td};text-align:right'>"
+                   f"{'<b style=' + repr(ink) + '>0</b>' if int(k) == 0 else int(k)}</td><td style='{td};text-align:right'>{float(l):.2f}</td>"
+                   f"<td style='{td};text-align:right'>{float(p):.2%}</td></tr>"
+                   for i, (t, k, l, p) in enumerate(zip(r.answer_tokens, r.ranks, r.logits, r.probs)))
+    return (f"<div class='hs-prompt-test' style='{PANEL}'><div style='{ink}'>prompt: {chips(r.prompt_tokens)}</div>"
+            f"<div style='{ink};margin-bottom:4px'>answer: {chips(r.answer_tokens)}</div>"
+            f"<table class='hs-table' style='border-collapse:collapse;{ink}'><thead style='{ink}'><tr style='{ink}'>"
+            + "".join(f"<th style='{th}'>{c}</th>" for c in ("#", "answer token", "rank (0 = top)", "logit", "probability"))
+            + f"</tr></thead><tbody style='{ink}'>{rows}</tbody></table>{predictions_html(r.top)}</div>")
+
+# %% ../../nbs/26_causal.lens.ipynb #946778d1
+def test_prompt(model:nn.Module,
+                prompt:str,
+                answer:str,                          # the expected continuation: one token or several
+                prepend_space_to_answer:bool=True,   # " " + answer unless it starts with a space
+                top_k:int=10,                        # top tokens shown before each answer token
+                print_details:bool=True,             # print the report (TransformerLens' behaviour)
+                prepend_bos:bool|None=None,          # for the prompt, as in `to_tokens`
+               )->PromptTest:
+    "Rank, logit and probability of each token of `answer` after `prompt` (teacher-forced), with the top-k at each step"
+    _check_k(model, top_k, "top_k")
+    for what, s in (("prompt", prompt), ("answer", answer)):
+        if not isinstance(s, str): raise TypeError(f"The {what} must be a string, not {type(s).__name__}.")
+    if not answer: raise ValueError("The answer is empty: give the text the prompt should continue with (e.g. ' Paris').")
+    if prepend_space_to_answer and not answer.startswith(" "): answer = " " + answer
+    p = to_tokens(model, prompt, prepend_bos)[0].cpu()                                       # [pos]
+    if not len(p): raise ValueError(f"The prompt {prompt!r} has no tokens, so nothing predicts the answer: give some text or prepend_bos=True.")
+    tok = model.tokenizer
+    a = torch.tensor(tok(answer, add_special_tokens=False)["input_ids"], dtype=torch.long)  # [answer]
+    ids = torch.cat([p, a])
+    x = to_inputs(model, ids)                           # checks vocabulary and positions before the forward
+    with torch.no_grad(): logits = forward(model, x).logits[0, len(p) - 1:-1].float()   # [answer d_vocab]: row i predicts a[i]
+    al = logits.gather(-1, a[:, None].to(logits.device))[:, 0]
+    top = _predictions(tok, logits, top_k, prompts=[tok.decode(ids[:len(p) + i], skip_special_tokens=True) for i in range(len(a))],
+                       context=token_strs(tok, ids[len(p) - 1:-1]))
+    res = PromptTest(prompt, answer, token_strs(tok, p), token_strs(tok, a), a, ranks=(logits > al[:, None]).sum(-1).cpu(),
+                     logits=al.cpu(), probs=logits.softmax(-1).gather(-1, a[:, None].to(logits.device))[:, 0].cpu(), top=top)
+    if print_details: print(repr(res))
+    return res
+
+test_prompt.__test__ = False   # a library function that pytest must not collect as a test when imported into a test module
 
 # %% ../../nbs/26_causal.lens.ipynb #27b62a5c
 def apply_final_norm(model:nn.Module,

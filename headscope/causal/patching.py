@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
 from tqdm.auto import tqdm
-from ..arch import model_dims, hook_points, check_layers
+from ..arch import model_dims, hook_points, check_layers, act_name, post_rotary_kind
 from ..hooking import hooks, forward, _keep_last, kv_cache_name, kv_cache_of
 from ..tokens import token_strs
 from ..cache import run_with_cache
@@ -42,7 +42,7 @@ def targets_for(model:nn.Module, kind:str, n_pos:int, pos=-1, layers=None)->tupl
         if not -n_pos <= pos < n_pos: raise IndexError(f"Position {pos} is outside the prompt's {n_pos} tokens.")
         ps = [pos % n_pos]
     heads = list(range(d.n_kv_heads if kind in ("k", "v") else d.n_heads)) if kind in HEAD_KINDS else [None]
-    names = [f"blocks.{l}.{KINDS[kind]}" for l in layers]
+    names = [act_name(post_rotary_kind(model, kind), l) for l in layers]   # q, k: what attention scores with (after rotary)
     missing = [n for n in names if n not in valid]
     if missing: raise ValueError(f"{missing[0]} does not exist in this model (e.g. parallel-attention models have no resid_mid).")
     ts = [Target(n, h, p) for n in names for h in heads for p in ps]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
 from tqdm.auto import tqdm
-from ..arch import model_dims, check_layers, check_head
+from ..arch import model_dims, check_layers, check_head, act_name, post_rotary_kind
 from ..hooking import run_until
 from ..cache import run_with_cache
 from ..results import ScoreGrid, Top
@@ -101,7 +101,7 @@ def _rec_heads(model, rec:list, via:str)->dict:
     out = {}
     for _, l, h in rec:
         for kind in ("q", "k", "v") if via == "qkv" else (via,):
-            out.setdefault(f"blocks.{l}.attn.hook_{kind}", set()).add(h if kind == "q" else h // group)
+            out.setdefault(act_name(post_rotary_kind(model, kind), l), set()).add(h if kind == "q" else h // group)
     return {k: sorted(v) for k, v in out.items()}
 
 def _pos_index(pos, m:int, n_pos:int):
