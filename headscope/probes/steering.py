@@ -12,7 +12,7 @@ from torch import nn, Tensor
 from ..arch import model_dims, check_layers, check_head
 from ..tokens import to_inputs, token_strs
 from ..hooking import hooks, forward
-from ..interventions import add, scale
+from ..interventions import add, scale, _generate_ids   # the one greedy `generate()` with hooks attached
 from .activations import collect_activations
 
 # %% auto #0
@@ -269,12 +269,9 @@ def _acted(pos, n_prompt:int, n_total:int)->list:
     # generated token i runs alone at length i + 1; the last one never runs
     return [i in pre if i < n_prompt else (i < n_total - 1 and i in pick(i + 1)) for i in range(n_total)]
 
-def _greedy(model, x:dict, max_new_tokens:int)->Tensor:
-    "Greedy continuation token ids `[new]` of the one prompt in `x`: plain cached `generate()`"
-    with torch.no_grad():
-        out = model.generate(**x, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=model.generation_config.pad_token_id or model.generation_config.eos_token_id)
-    return out[0, x["input_ids"].shape[1]:].cpu()
+def _greedy(model, x:dict, max_new_tokens:int, fwd_hooks=())->Tensor:
+    "Greedy continuation token ids `[new]` of the one prompt in `x`: plain cached `generate()`, `fwd_hooks` on every step"
+    return _generate_ids(model, x, max_new_tokens, fwd_hooks, do_sample=False)[0].cpu()
 
 def _check_layer(vector:SteeringVector, layer:int)->int:
     if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer not in vector.vectors: raise ValueError(f"The steering vector has no direction at layer {layer!r}; it has layers {vector.layers}.")
@@ -301,7 +298,7 @@ def _steer_generate(model, prompt, vector, layer, coeff, pos, max_new_tokens, un
     x = to_inputs(model, prompt)
     x["attention_mask"] = torch.ones_like(x["input_ids"])
     u = _greedy(model, x, max_new_tokens) if unsteered is None else unsteered
-    with hooks(model, hs): s = _greedy(model, x, max_new_tokens)
+    s = _greedy(model, x, max_new_tokens, hs)
     tok, n = model.tokenizer, x["input_ids"].shape[1]
     return dict(prompt_tokens=token_strs(tok, x["input_ids"][0]), unsteered_tokens=token_strs(tok, u), steered_tokens=token_strs(tok, s),
                 acted=_acted(pos, n, n + len(s)) if coeff else [False] * (n + len(s)), unsteered_ids=u, steered_ids=s,
