@@ -9,6 +9,7 @@ import torch
 from torch import nn, Tensor
 from ..arch import arch_spec, model_dims, blocks, get_module, head_out_weights, ModelDims
 from .factored import FactoredMatrix
+from ..norms import norm_scale, _is_layer_norm
 
 # %% auto #0
 __all__ = ['WEIGHT_NAMES', 'norm_affine', 'unscaled_norm', 'ModelWeights', 'model_weights']
@@ -73,9 +74,9 @@ def unscaled_norm(norm:nn.Module,  # an RMSNorm or LayerNorm module
                   x:Tensor,        # [... d_model] the norm's input
                  )->Tensor:        # [... d_model] normalised, without weight or bias: what folded weights read
     "`x` normalised as `norm` does it, before its scale: RMSNorm `x / sqrt(mean(x²) + eps)`, LayerNorm `(x - mean) / sqrt(var + eps)`"
-    eps = next((getattr(norm, a) for a in ("variance_epsilon", "eps") if hasattr(norm, a)), 1e-6)
-    if isinstance(norm, nn.LayerNorm): x = x - x.mean(-1, keepdim=True)
-    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    s = norm_scale(norm, x)                               # what the norm divides by (of the centred x for a LayerNorm)
+    if _is_layer_norm(norm): x = x - x.mean(-1, keepdim=True)
+    return x / s.to(x.dtype)
 
 def _fold(W:Tensor, b:Tensor, norm:nn.Module|None)->tuple[Tensor, Tensor]:
     "A reader `W [... d_model x]`, `b [... x]` with `norm`'s scale and bias folded in (unchanged for `norm=None`)"
@@ -83,7 +84,7 @@ def _fold(W:Tensor, b:Tensor, norm:nn.Module|None)->tuple[Tensor, Tensor]:
     s, beta = norm_affine(norm)
     Wf = s.to(W.dtype)[:, None] * W
     if beta is not None: b = b + beta.to(W.dtype) @ W
-    if isinstance(norm, nn.LayerNorm): Wf = Wf - Wf.mean(-2, keepdim=True)   # zero-mean input: centring is free
+    if _is_layer_norm(norm): Wf = Wf - Wf.mean(-2, keepdim=True)   # zero-mean input: centring is free
     return Wf, b
 
 # %% ../../nbs/07a_weights.core.ipynb #0975d056
@@ -99,13 +100,28 @@ def _stack(ts:list[Tensor])->Tensor:
     if ts[0].ndim >= 2 and ts[0].stride(-1) != 1 and ts[0].mT.stride(-1) == 1: return torch.stack([t.mT for t in ts]).mT
     return torch.stack(ts)
 
+def _versions(v)->tuple:
+    "In-place edit counters of a computed weight (a tensor, or a FactoredMatrix's factors)"
+    if isinstance(v, Tensor): return (v._version,)
+    return (v.A._version, v.B._version) if isinstance(v, FactoredMatrix) else ()
+
 class ModelWeights:
-    "TransformerLens-shaped weights of a Hugging Face model, computed from its parameters on every access"
+    "TransformerLens-shaped weights of a Hugging Face model, computed from its parameters and recomputed whenever one changes"
     def __init__(self, model:nn.Module, fold_norms:bool=False, expand_kv:bool=True):
         for k, v in (("fold_norms", fold_norms), ("expand_kv", expand_kv)):
             if not isinstance(v, bool): raise TypeError(f"{k} is True or False, not {v!r}.")
         self.model, self.fold_norms, self.expand_kv = model, fold_norms, expand_kv
         self.spec, self.dims = arch_spec(model), model_dims(model)
+        self._kept = {}
+
+    def _memo(self, name:str, fn):
+        "`fn()`, kept until a parameter of the model is edited in place or replaced, or the kept value itself is edited"
+        key = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        hit = self._kept.get(name)
+        if hit is not None and hit[0] == key and hit[2] == _versions(hit[1]): return hit[1]
+        v = fn()
+        self._kept[name] = (key, v, _versions(v))
+        return v
 
     def _layers(self, fn)->Tensor: return _stack([fn(l, blk) for l, blk in enumerate(blocks(self.model))])
     def _norm(self, blk, which:str):   # the block's ln1 or ln2 when folding, else None
@@ -160,19 +176,21 @@ def _b_O(self)->Tensor:
         return b.detach() if b is not None else W.new_zeros(W.shape[-1])
     return self._layers(f)
 
-_P = property
-ModelWeights.embed_scale = _P(_embed_scale)
-ModelWeights.W_E, ModelWeights.W_U, ModelWeights.b_U = _P(_W_E), _P(lambda s: _unembed(s, False)), _P(lambda s: _unembed(s, True))
-ModelWeights.W_pos = _P(lambda s: get_module(s.model, s.spec.pos_embed).weight.detach() if s.spec.pos_embed else None)
+def _P(fn, doc=None, name=None):
+    "A property computing `fn(self)`, kept between reads while the parameters stay the same (`ModelWeights._memo`)"
+    return property(lambda s: s._memo(name, lambda: fn(s)), doc=doc)
+ModelWeights.embed_scale = _P(_embed_scale, name="embed_scale")
+ModelWeights.W_E, ModelWeights.W_U, ModelWeights.b_U = _P(_W_E, name="W_E"), _P(lambda s: _unembed(s, False), name="W_U"), _P(lambda s: _unembed(s, True), name="b_U")
+ModelWeights.W_pos = _P(lambda s: get_module(s.model, s.spec.pos_embed).weight.detach() if s.spec.pos_embed else None, name="W_pos")
 for _i, _n in enumerate("QKV"):
-    setattr(ModelWeights, f"W_{_n}", _P(lambda s, i=_i: s._qkv(i, False, s.expand_kv)))
-    setattr(ModelWeights, f"b_{_n}", _P(lambda s, i=_i: s._qkv(i, True, s.expand_kv)))
-ModelWeights.W_O, ModelWeights.b_O = _P(_W_O), _P(_b_O)
-for _n in ("W_in", "b_in", "W_gate", "b_gate", "W_out", "b_out"): setattr(ModelWeights, _n, _P(lambda s, n=_n: s._mlp(n)))
-ModelWeights.OV = _P(lambda s: FactoredMatrix(s._qkv(2, False, True), s.W_O), doc="`W_V @ W_O` per query head `[layer head d_model d_model]`")
-ModelWeights.QK = _P(lambda s: FactoredMatrix(s._qkv(0, False, True), s._qkv(1, False, True).mT),
+    setattr(ModelWeights, f"W_{_n}", _P(lambda s, i=_i: s._qkv(i, False, s.expand_kv), name=f"W_{_n}"))
+    setattr(ModelWeights, f"b_{_n}", _P(lambda s, i=_i: s._qkv(i, True, s.expand_kv), name=f"b_{_n}"))
+ModelWeights.W_O, ModelWeights.b_O = _P(_W_O, name="W_O"), _P(_b_O, name="b_O")
+for _n in ("W_in", "b_in", "W_gate", "b_gate", "W_out", "b_out"): setattr(ModelWeights, _n, _P(lambda s, n=_n: s._mlp(n), name=_n))
+ModelWeights.OV = _P(lambda s: FactoredMatrix(s._qkv(2, False, True), s.W_O), name="OV", doc="`W_V @ W_O` per query head `[layer head d_model d_model]`")
+ModelWeights.QK = _P(lambda s: FactoredMatrix(s._qkv(0, False, True), s._qkv(1, False, True).mT), name="QK",
                      doc="`W_Q @ W_K^T` per query head `[layer head d_model d_model]`: scores before `attn_scale` and rotary")
-ModelWeights.attn_scale = _P(lambda s: torch.tensor([float(getattr(get_module(b, s.spec.attn), "scaling", s.dims.d_head ** -0.5))
+ModelWeights.attn_scale = _P(name="attn_scale", fn=lambda s: torch.tensor([float(getattr(get_module(b, s.spec.attn), "scaling", s.dims.d_head ** -0.5))
                                                      for b in blocks(s.model)]), doc="`[layer]` the factor on `q · k` before the softmax")
 
 def model_weights(model:nn.Module,         # a supported Hugging Face causal LM
@@ -190,7 +208,7 @@ def _fold_notes(self)->list[str]:
     notes = ["The normalisation itself (dividing by rms(x); LayerNorm also subtracts the mean) depends on the input and is never "
              "folded: folded matrices read `unscaled_norm(norm, x)`, unfolded ones the norm's output."]
     if "Gemma" in type(norm).__name__: notes.append("Gemma's RMSNorm scales by (1 + weight): that is the scale folded in.")
-    if isinstance(norm, nn.LayerNorm): notes.append("LayerNorm: its bias folds into the reader's bias (b_Q += ln.b @ W_Q, ...) and the "
+    if _is_layer_norm(norm): notes.append("LayerNorm: its bias folds into the reader's bias (b_Q += ln.b @ W_Q, ...) and the "
                                                     "folded reading weights are centred over d_model, as TransformerLens' fold_ln does.")
     if sp.ln1 is None: notes.append("No norm before attention or the MLP (OLMo 2): W_Q, W_K, W_V, W_in and W_gate read the residual "
                                     "stream itself; there is nothing to fold into them.")
