@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 from torch import nn, Tensor
-from ..arch import model_dims, arch_spec, blocks, get_module, head_out_weights, fold_norm
+from ..arch import model_dims, arch_spec, get_module, fold_norm
+from ..decompose import head_results
 from ..tokens import to_inputs, pos_index, single_token_ids
 from ..cache import run_with_cache
 from ..results import ScoreGrid, Top
@@ -103,17 +104,9 @@ def direct_logit_attribution(model:nn.Module,
     dot = lambda part: (fold_norm(norm, final, part).double() * (d[:, None] if part.ndim == 3 else d)).sum(-1)
     nb = getattr(norm, "bias", None)
     norm_bias = d @ nb.double() if nb is not None else torch.zeros(n, dtype=torch.float64)
-    post = spec.attn_out != spec.attn                                      # a norm after the attention output
     heads, abias, mlps = [], [], []
-    for l in range(L):
-        W, b = head_out_weights(model, l)
-        o = torch.einsum("bhd,hdm->bhm", at(f"blocks.{l}.attn.hook_z"), W.double())   # [batch head d_model]
-        bo = (b.double() if b is not None else torch.zeros(dims.d_model, dtype=torch.float64)).expand(n, -1)
-        if post:                                                           # fold the post-attention norm at its real input
-            pn = get_module(blocks(model)[l], spec.attn_out)
-            tot = o.sum(1) + bo
-            o, bo = fold_norm(pn, tot, o).double(), fold_norm(pn, tot, bo).double()
-            if getattr(pn, "bias", None) is not None: bo = bo + pn.bias.double()
+    for l in range(L):   # each head's write [batch head d_model] and the bias, through a post-attention norm where there is one (frozen at its real input)
+        o, bo = head_results(model, l, at(f"blocks.{l}.attn.hook_z"), post_norm=True)
         heads.append(dot(o)); abias.append(dot(bo)); mlps.append(dot(at(f"blocks.{l}.hook_mlp_out")))
     with torch.no_grad():
         total = (apply_final_norm(model, final.to(norm.weight.dtype)).double() * d).sum(-1) + bU
