@@ -105,25 +105,12 @@ class PromptTest:
                     for r, (s, l, p) in enumerate(zip(self.top.tokens[i], self.top.logits[i], self.top.probs[i]))]
         return "\n".join(out + [f"Ranks of the answer tokens: {[(t, int(r)) for t, r in zip(self.answer_tokens, self.ranks)]}"])
 
-    def _repr_html_(self)->str: return _prompt_test_html(self)
+    def _repr_html_(self)->str:
+        "The table drawn by `headscope.views.causal.prompt_test_html`"
+        from headscope.views.causal import prompt_test_html
+        return prompt_test_html(self)
 
-def _prompt_test_html(r:PromptTest)->str:
-    "The prompt and answer tokens, a row per answer token (rank, logit, probability), then the top-k before each; tokens escaped"
-    from headscope.views.style import PANEL
-    from headscope.views.causal import predictions_html
-    from headscope.tokens import visible
-    ink = "color:#111111;background-color:#ffffff"          # on every element: dark themes restyle some tags directly
-    td, th = f"{ink};border:1px solid #d9dce1;padding:2px 6px", "color:#111111;background-color:#f3f4f6;border:1px solid #d9dce1;padding:2px 6px"
-    chips = lambda ts: " ".join(f"<code style='color:#111111;background-color:#f3f4f6'>{visible(t)}</code>" for t in ts)
-    rows = "".join(f"<tr style='{ink}'><td style='{td}'>{i}</td><td style='{td}'>{chips([t])}</td><td style='{td};text-align:right'>"
-                   f"{'<b style=' + repr(ink) + '>0</b>' if int(k) == 0 else int(k)}</td><td style='{td};text-align:right'>{float(l):.2f}</td>"
-                   f"<td style='{td};text-align:right'>{float(p):.2%}</td></tr>"
-                   for i, (t, k, l, p) in enumerate(zip(r.answer_tokens, r.ranks, r.logits, r.probs)))
-    return (f"<div class='hs-prompt-test' style='{PANEL}'><div style='{ink}'>prompt: {chips(r.prompt_tokens)}</div>"
-            f"<div style='{ink};margin-bottom:4px'>answer: {chips(r.answer_tokens)}</div>"
-            f"<table class='hs-table' style='border-collapse:collapse;{ink}'><thead style='{ink}'><tr style='{ink}'>"
-            + "".join(f"<th style='{th}'>{c}</th>" for c in ("#", "answer token", "rank (0 = top)", "logit", "probability"))
-            + f"</tr></thead><tbody style='{ink}'>{rows}</tbody></table>{predictions_html(r.top)}</div>")
+
 
 # %% ../../nbs/26_causal.lens.ipynb #946778d1
 def test_prompt(model:nn.Module,

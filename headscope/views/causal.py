@@ -6,9 +6,10 @@
 from __future__ import annotations
 import html, math
 from ..tokens import visible
+from .style import PANEL
 
 # %% auto #0
-__all__ = ['dla_html', 'faithfulness_curve_html', 'predictions_html', 'logit_lens_html']
+__all__ = ['dla_html', 'faithfulness_curve_html', 'predictions_html', 'logit_lens_html', 'prompt_test_html']
 
 # %% ../../nbs/56_views.causal.ipynb #049c6ef8
 def dla_html(d)->str:
@@ -122,3 +123,19 @@ def logit_lens_html(ll)->str:
             "Shade ∝ √probability.</div>"
             "<table class='hs-table' style='border-collapse:collapse;background-color:#ffffff;color:#111111;font-size:12px'>"
             f"<thead style='{_INK}'><tr style='{_TR}'><th style='{_TH}'>layer</th>{head}</tr></thead><tbody style='{_INK}'>{''.join(rows)}</tbody></table></div>")
+
+# %% ../../nbs/56_views.causal.ipynb #625b08b3
+def prompt_test_html(r)->str:
+    "The prompt and answer tokens, a row per answer token (rank, logit, probability), then the top-k before each; tokens escaped"
+    ink = "color:#111111;background-color:#ffffff"          # on every element: dark themes restyle some tags directly
+    td, th = f"{ink};border:1px solid #d9dce1;padding:2px 6px", "color:#111111;background-color:#f3f4f6;border:1px solid #d9dce1;padding:2px 6px"
+    chips = lambda ts: " ".join(f"<code style='color:#111111;background-color:#f3f4f6'>{visible(t)}</code>" for t in ts)
+    rows = "".join(f"<tr style='{ink}'><td style='{td}'>{i}</td><td style='{td}'>{chips([t])}</td><td style='{td};text-align:right'>"
+                   f"{'<b style=' + repr(ink) + '>0</b>' if int(k) == 0 else int(k)}</td><td style='{td};text-align:right'>{float(l):.2f}</td>"
+                   f"<td style='{td};text-align:right'>{float(p):.2%}</td></tr>"
+                   for i, (t, k, l, p) in enumerate(zip(r.answer_tokens, r.ranks, r.logits, r.probs)))
+    return (f"<div class='hs-prompt-test' style='{PANEL}'><div style='{ink}'>prompt: {chips(r.prompt_tokens)}</div>"
+            f"<div style='{ink};margin-bottom:4px'>answer: {chips(r.answer_tokens)}</div>"
+            f"<table class='hs-table' style='border-collapse:collapse;{ink}'><thead style='{ink}'><tr style='{ink}'>"
+            + "".join(f"<th style='{th}'>{c}</th>" for c in ("#", "answer token", "rank (0 = top)", "logit", "probability"))
+            + f"</tr></thead><tbody style='{ink}'>{rows}</tbody></table>{predictions_html(r.top)}</div>")
