@@ -33,7 +33,7 @@ test: $(STAMP)
 	@if git rev-parse --git-dir >/dev/null 2>&1 && [ -n "$$(git status --porcelain -- headscope)" ]; then \
 	  git status --porcelain -- headscope; echo "nbdev_export changed headscope/: export the notebooks and commit"; exit 1; fi
 	TRITON_INTERPRET=1 $(BIN)/python tests/run_notebooks.py   # nbdev_test's checks, one fresh process per notebook (memory)
-	TRITON_INTERPRET=1 $(BIN)/pytest tests
+	TRITON_INTERPRET=1 $(BIN)/pytest tests --durations=15
 
 test-fast: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/pytest tests -m "not slow" -x -q

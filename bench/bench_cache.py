@@ -316,9 +316,15 @@ def bench_dtype(d, dtype, args, hs_state):
             c.info.update(peak_rss_growth=peak, rss_held=held)
             gc.collect()
 
-    # timing: round robin, so a slow drift of the machine hits everyone alike
+    # timing: round robin, so a slow drift of the machine hits everyone alike; the order is shuffled each round
+    # (seeded) and, with --trim (default), every call starts from a trimmed heap: otherwise the contestant that
+    # follows the one freeing the largest cache reuses its pages and pays fewer page faults (a fixed order's bias)
+    import random
+    rng = random.Random(args.seed)
     for _ in range(args.repeats):
-        for c in cs_ok:
+        order = list(cs_ok); rng.shuffle(order)
+        for c in order:
+            if args.trim and not args.malloc_tuned: gc.collect(); _trim(0)   # tuned malloc keeps its heap on purpose
             QUIET()
             t = time.perf_counter(); out = call(c); c.times.append(time.perf_counter() - t)
             del out; gc.collect()
@@ -399,6 +405,8 @@ def main(argv=None):
     p.add_argument("--only", nargs="*", help="substrings of contestant names (baselines always run)")
     p.add_argument("--skip-headscope", action="store_true"); p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--no-memory", action="store_true", help="skip the RSS-sampled call")
+    p.add_argument("--no-trim", dest="trim", action="store_false",
+                   help="don't malloc_trim(0) before each timed call (then the heap a call finds depends on who ran before it)")
     p.add_argument("--quiet-budget", type=float, default=120,
                    help="seconds in all to wait, before timed calls, for other processes to stop running (0: never)")
     p.add_argument("--malloc-tuned", action="store_true", help="re-exec with the glibc malloc settings of RECIPES.md")
@@ -426,7 +434,7 @@ def main(argv=None):
     IDS = torch.randint(2, vocab, (args.batch, args.seq), generator=g)
     IDS[:, 0] = 1                                      # <|im_start|>, the BOS its tokenizer prepends
     meta = {"mode": mode, "malloc_env": MALLOC_ENV if tuned else {}, "threads": torch.get_num_threads(),
-            "batch": args.batch, "seq": args.seq, "seed": args.seed, "repeats": args.repeats,
+            "batch": args.batch, "seq": args.seq, "seed": args.seed, "repeats": args.repeats, "trim_before_call": args.trim, "order": "shuffled per round",
             "hf_dir": str(d), "versions": versions(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
             "loadavg_start": os.getloadavg()[0]}
     log(f"bench_cache [{mode}] {args.batch}x{args.seq} tokens, {meta['threads']} threads, {d}")

@@ -79,6 +79,19 @@ def _attend(module, pattern:Tensor, value:Tensor, dropout:float=0.0)->Tensor:
 # %% ../nbs/03_attention.ipynb #7870ffd0
 _BASES = {}   # registered name -> base implementation name
 
+def _softmax_attention(name:str|None)->bool:
+    "Is attention implementation `name` softmax attention, whose scores and pattern `attention_pattern` recomputes exactly?"
+    base = _BASES.get(name, name) or "eager"
+    return base == "eager" or any(s in base for s in ("sdpa", "flash", "flex"))
+
+def _check_softmax(model, kinds:set):
+    "Refuse score/pattern hook points on a model whose attention is not softmax: the pattern recomputed would not be the one it used"
+    impl = model.config._attn_implementation
+    if not _softmax_attention(impl) and kinds & {"attn_scores", "pattern"}:
+        raise ValueError(f"This model's attention is {impl!r}, not softmax attention: headscope recomputes hook_attn_scores and hook_pattern "
+                         "the way softmax attention forms them, so they would not show what the model computes. Read its attention "
+                         "from q, k and v with `observe=` (hooks(model, observe={layer: fn})), or use eager/sdpa attention.")
+
 def _base_attention(module, base:str):
     if base == "eager":  # each modeling file has its own eager function
         fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)

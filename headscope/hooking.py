@@ -16,7 +16,7 @@ from .norms import norm_scale, _rescale
 from .tokens import to_inputs   # text -> inputs lives in `tokens`; importable from here too
 from .interventions import select, patch, ablate, scale, add   # the hook-function verbs; importable from here too
 from .attention import (attention_pattern, eager_attention, HookFunctionError, _run_taps, _register_attention,
-                                 _BASES, _repeat_kv, _attend, _qk_proj_hooks, _result_hook)
+                                 _BASES, _repeat_kv, _attend, _qk_proj_hooks, _result_hook, _check_softmax)
 
 # %% auto #0
 __all__ = ['HookContext', 'Hooks', 'hooks', 'kv_cache_name', 'kv_cache_of', 'forward', 'run_with_hooks', 'StopForward',
@@ -125,6 +125,7 @@ class Hooks:
     def attach(self):
         "Register the PyTorch hooks for everything added so far"
         sp, t = self.spec, self.taps
+        _check_softmax(self.model, {self.points[n].kind for n in t})
         self._hook(self.model, lambda mod, a, k: self.state.read(a, k), pre=True)
         def out_hook(names, part=None):
             def f(mod, args, o):

@@ -18,9 +18,12 @@ from .views.attention import attention_heads_html, pattern_svg
 from .heads.census import head_census, HeadCensus
 from .heads.stats import max_positions
 from .data.needles import needle_tasks, text_tokens, repeated_tokens
+from .heads.sinks import extreme_tokens, default_domains
+from .views.sinks import sink_dashboard_html
+from .heads.niah import niah_grid
 
 # %% auto #0
-__all__ = ['pick_heads', 'REPORT_CENSUS', 'report_html', 'check_writable', 'write_report']
+__all__ = ['pick_heads', 'REPORT_CENSUS', 'REPORT_NIAH', 'report_html', 'check_writable', 'write_report']
 
 # %% ../nbs/70_report.ipynb #59c63fd5
 def pick_heads(patterns:dict,    # layer -> [batch head q_pos k_pos] attention patterns (batch row 0 is read)
@@ -67,7 +70,26 @@ def REPORT_CENSUS(model, prompt_ids:Tensor|None=None)->dict:   # prompt_ids: [1 
     abl = prompt_ids[:, -128:] if prompt_ids is not None else text_tokens(tok, 2, min(64, n), seed=1)
     return dict(text=text_tokens(tok, 4, min(128, n)), repeated=repeated_tokens(tok, 4, min(16, (n - 1) // 2)),
                 tasks=needle_tasks(tok, n=3, haystack_len=192, max_len=n), ablation_text=abl, modes=("zero",),
-                ablation_final=prompt_ids is not None)
+                ablation_final=prompt_ids is not None, gradient_samples=2,
+                sink_domains=default_domains(tok, 1, min(32, n)))
+
+def REPORT_NIAH(model)->dict:
+    "The report's needle-in-a-haystack grid: 2 lengths x 2 depths, one 4-digit needle each (its retrieval scores are the census's)"
+    n = max_positions(model) or 4096
+    return dict(lengths=tuple(x for x in (64, 128) if x + 48 <= n) or (max(16, n // 4),), depths=(0.25, 0.75), n_needles=1, n_digits=4)
+
+def _sinks_section(model, ids:Tensor)->str:
+    "The sink dashboard of the prompt itself, with a one-line reading of it ('' for a one-token prompt)"
+    if ids.shape[1] < 2: return ""
+    et = extreme_tokens(model, ids, progress=False)
+    r, sm, vr = et.resid_norm_ratio, et.sink_mass, et.value_norm_ratio
+    l = int(r.nan_to_num(0).argmax())
+    sinky = sm > 0.5
+    drained = int((vr[sinky] < 0.5).sum())
+    note = (f"Most heads park the attention they do not need on the first token (a sink). Here {int(sinky.sum())} of {sm.numel()} heads put over half "
+            f"their attention on it, and {drained} of those read a value there less than half the typical norm (a value drain); its residual "
+            f"norm reaches {float(r[l]):.0f}x the median of the others (layer {l}). Guo et al. (2024), Sun et al. (2024).")
+    return _section("Attention sinks", html.escape(note), sink_dashboard_html(et))
 
 def _role_gallery(model, census:HeadCensus, toks:list, pats:Tensor, per_role:int=3)->str:
     "Static pictures of each role's strongest heads"
@@ -117,11 +139,13 @@ def report_html(model:nn.Module,
     else:
         attn, attn_note = "<p>No heads requested.</p>", ""
     top, p_top = preds.tokens[0][0], float(preds.probs[0, 0])
-    cen_html, cen_note = "", ""
+    cen_html, cen_note, grid = "", "", None
     if census is not False:
-        if census is True:
+        if census is True:   # the retrieval scores come from the needle grid drawn in its own section
+            grid = niah_grid(model, progress=progress, **REPORT_NIAH(model))
             census = head_census(model, prompt=prompt, answer=[int(preds.ids[0, 0])], progress=progress,
-                                 **REPORT_CENSUS(model, x["input_ids"].cpu()))
+                                 **{**REPORT_CENSUS(model, x["input_ids"].cpu()), "retrieval": False})
+            census.scores["retrieval"], census.extra["retrieval_accuracy"] = grid.scores, float(grid.accuracy.mean())
             census.extra["ablation_on"] = f"this prompt, read at its final position"
         pats = torch.stack([cache["pattern", l][0] for l in range(L)])
         cen_html = census.to_html(tokens=toks, patterns=pats) + _role_gallery(model, census, toks, pats)
@@ -144,7 +168,13 @@ def report_html(model:nn.Module,
         _section("Next-token predictions", f"The {k} most likely tokens after the prompt.", preds._repr_html_()),
         _section("Logit lens", lens_note, lens._repr_html_()),
         _section("Attention patterns", html.escape(attn_note), attn),
-    ] + ([_section("Head census", html.escape(cen_note), cen_html)] if cen_html else []))
+        _sinks_section(model, x["input_ids"]),
+    ] + ([_section("Head census", html.escape(cen_note), cen_html)] if cen_html else [])
+      + ([_section("Retrieval: needles in a haystack", html.escape(
+            f"A random {grid.tasks[0].needle_ids.numel()}-token code hidden in filler text of {', '.join(map(str, grid.lengths))} tokens "
+            f"at depths {', '.join(f'{d:g}' for d in grid.depths)}, then asked for: exact-copy accuracy per cell, and the heads that copy "
+            "it (arg-max attention on the needle token being generated; Wu et al., 2024). These are the census's retrieval scores."),
+            grid._repr_html_())] if grid is not None else []))
     import transformers
     secs = time.perf_counter() - t0
     foot = (f"<footer>Made with headscope {html.escape(headscope.__version__)} (torch {html.escape(torch.__version__)}, transformers "

@@ -130,8 +130,11 @@ def _rank(x:Tensor)->Tensor:
     return (s / c)[inv]
 
 def _pearson(a:Tensor, b:Tensor)->float:
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-300))
+    "Pearson correlation; NaN when either side is constant (nothing varies, so a 0 would read as a finding)"
+    ca, cb = a - a.mean(), b - b.mean()
+    flat = lambda c, x: float(c.norm()) <= 1e-12 * float(x.abs().max()) * len(x) ** 0.5   # rounding of the mean only
+    if flat(ca, a) or flat(cb, b): return float("nan")
+    return float((ca * cb).sum() / (ca.norm() * cb.norm()))
 
 def agreement(approx,        # estimated scores: a tensor (any shape) or a result with `.scores`
               exact,         # the reference scores on the same grid

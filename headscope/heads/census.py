@@ -12,9 +12,12 @@ from ..results import ScoreGrid, Top
 from .patterns import PATTERN_SCORES, pattern_scores
 from .retrieval import retrieval_scores
 from .causal import ablation_scores, head_dla, bf16_is_fast
+from .gradient import GRADIENT_SCORES, gradient_importance
+from .sinks import extreme_tokens, active_dormant
+from ..causal.metrics import agreement
 
 # %% auto #0
-__all__ = ['CAUSAL_SCORES', 'SCORE_DESCRIPTIONS', 'DEFAULT_ROLES', 'HeadCensus', 'head_census']
+__all__ = ['CAUSAL_SCORES', 'SINK_SCORES', 'SCORE_DESCRIPTIONS', 'DEFAULT_ROLES', 'HeadCensus', 'head_census']
 
 # %% ../../nbs/14_heads.census.ipynb #f9dd6e3f
 # Names that lived in this module before it was split: kept importable for code written against it
@@ -31,7 +34,11 @@ CAUSAL_SCORES = {
     "retrieval": "fraction of needle tokens the head copied: arg-max attention on the needle token being generated (Wu et al., 2024)",
     "dla": "direct logit attribution at the final position: <norm_frozen(z_h W_O^h), W_U[answer] (- W_U[wrong])>",
 }
-SCORE_DESCRIPTIONS = {**PATTERN_SCORES, **CAUSAL_SCORES}
+SINK_SCORES = {
+    "value_norm_ratio": "‖v_0‖ / median_j≥1 ‖v_j‖ on text: what the first (sink) token hands back; small = a value drain (Guo et al., 2024)",
+    "sink_spread": "max − min over domains (prose, code, repeated random tokens) of the sink mass A[i,0]; large = an active-dormant head (Guo et al., 2024)",
+}
+SCORE_DESCRIPTIONS = {**PATTERN_SCORES, **CAUSAL_SCORES, **GRADIENT_SCORES, **SINK_SCORES}
 
 DEFAULT_ROLES = {   # role -> (score, ">=" or "<=", threshold)
     "previous-token": ("prev_token", ">=", 0.4),
@@ -42,6 +49,7 @@ DEFAULT_ROLES = {   # role -> (score, ">=" or "<=", threshold)
     "local": ("distance_nobos", "<=", 2.0),
     "retrieval": ("retrieval", ">=", 0.1),
     "important": ("kl_zero", ">=", 0.05),
+    "active-dormant": ("sink_spread", ">=", 0.3),
 }
 
 # %% ../../nbs/14_heads.census.ipynb #38435d0b
@@ -124,6 +132,14 @@ class HeadCensus(ScoreGrid):
 
     def _repr_html_(self): return self.to_html()
 
+    def scatter(self, x:str, y:str, **kw):
+        "Head-taxonomy scatter of scores `x` and `y` (one dot per head, role thresholds drawn, `L{l}H{h}` on hover); `kw` for `taxonomy_scatter_html`"
+        for s in (x, y):
+            if s not in self.scores: raise KeyError(f"No score {s!r}; this census has {sorted(self.scores)}.")
+        from IPython.display import HTML
+        from headscope.views.taxonomy import taxonomy_scatter_html
+        return HTML(taxonomy_scatter_html(self, x, y, **kw))
+
     def explore(self, model:nn.Module, prompt:str):
         "Widgets: the score heatmap linked to an attention explorer on `prompt` (click a cell to open that head)"
         from headscope.widgets.heads import census_explorer
@@ -142,9 +158,12 @@ def head_census(model:nn.Module,
                 q_chunk:int=256, k_chunk:int=1024,
                 ablation_dtype="auto",   # "auto": bf16 autocast where bf16 is native (`bf16_is_fast`) and the model is fp32; None: exact
                 ablation_final:bool=False,   # score ablations at the final position of `ablation_text` only (see `ablation_scores`)
+                gradient_samples:int|None=8, # head-gate gradients and Fisher on `ablation_text` (one forward, 1 + n backwards); None to skip
+                sinks:bool=True,         # value-norm ratio of the sink token and the active-dormant spread across domains
+                sink_domains:dict|None=None,  # {name: ids} for the spread; None: 2 windows of 64 tokens of prose, code, repeated random tokens
                 progress:bool=True,
                )->HeadCensus:
-    "Pattern, retrieval, ablation and DLA scores of every head, gathered into one `HeadCensus`"
+    "Pattern, retrieval, ablation, gradient, sink and DLA scores of every head, gathered into one `HeadCensus`"
     dims = model_dims(model)
     scores = pattern_scores(model, text, repeated, n_seq=n_seq, seq_len=seq_len, q_chunk=q_chunk, k_chunk=k_chunk, progress=progress)
     extra = {}
@@ -165,6 +184,20 @@ def head_census(model:nn.Module,
         extra["ablation_dtype"] = str(dt or p.dtype).replace("torch.", "")
         if dt is not None and dt != p.dtype:       # say so where the scores are read
             for k in [k for k in scores if k.startswith(("loss_", "kl_"))]: desc[k] += f" · forwards under {extra['ablation_dtype']} autocast (ablation_dtype=None: exact)"
+    if gradient_samples is not None:
+        gi = gradient_importance(model, ablation_text, n_samples=gradient_samples, progress=progress)
+        scores.update(gi.scores)
+        # the rank correlation with the exact ablation it estimates (first order for the loss, Fisher for the KL)
+        extra["gradient_vs_ablation"] = {f"{g} ~ {a}": agreement(scores[g], scores[a])["spearman"]
+                                         for g, a in (("grad_loss", "loss_zero"), ("kl_fisher", "kl_zero")) if g in scores and a in scores}
+    if sinks:
+        tok = model.tokenizer
+        n_max = max_positions(model) or seq_len
+        st = text[:1] if isinstance(text, Tensor) else text if isinstance(text, str) else text_tokens(tok, 1, min(seq_len, n_max))
+        et = extreme_tokens(model, st, progress=progress)           # one window: the value norms settle fast
+        scores["value_norm_ratio"] = et.value_norm_ratio
+        extra["resid_norm_ratio_max"] = float(et.resid_norm_ratio.nan_to_num(0).max())
+        scores["sink_spread"] = active_dormant(model, sink_domains, n_seq=2, seq_len=min(64, n_max), progress=progress).spread
     if prompt is not None and answer is not None: scores["dla"] = head_dla(model, prompt, answer, wrong)
     name = getattr(model.config, "_name_or_path", "") or model.config.model_type
     return HeadCensus(scores, dims.n_kv_heads, model_name=str(name).rstrip("/").split("/")[-1], descriptions=desc, extra=extra,

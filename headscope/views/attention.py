@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64, html, json, re, uuid
 import torch
 from torch import Tensor
-from .style import PANEL, CTRL, GROUPS, json_for_script, short_token
+from .style import PANEL, CTRL, GROUPS, json_for_script, short_token, caveat_html
 from .pattern_data import PatternData, encode_patterns, display_tokens, pattern_png, PATTERN_JS
 
 # %% auto #0
@@ -62,6 +62,7 @@ def attention_heads_html(tokens:list,        # [pos] token strings
                          patterns,           # [head q_pos k_pos] attention weights
                          head_names:list,    # [head] names such as "L3H2"
                          title:str|None=None,
+                         caveat:bool=True,   # open with the "attention is not attribution" banner
                         )->str:
     "Self-contained HTML drawing `patterns` with circuitsvis (inlined, offline) over a static SVG fallback"
     from circuitsvis.attention import attention_heads
@@ -80,7 +81,7 @@ def attention_heads_html(tokens:list,        # [pos] token strings
             "function ok(){if(v&&f&&v.childElementCount){f.style.display='none';return true}return false}"
             "if(!ok()&&v)new MutationObserver(function(m,o){if(ok())o.disconnect()}).observe(v,{childList:true,subtree:true});})();</script>") % (vid, fb)
     head = f"<div style='font-weight:bold;margin:4px 0'>{html.escape(title)}</div>" if title else ""
-    return (f"<div class='hs-attention' style='background-color:#ffffff;color:#111111;padding:6px'>{head}{vis}"
+    return (f"<div class='hs-attention' style='background-color:#ffffff;color:#111111;padding:6px'>{head}{caveat_html('attention') if caveat else ''}{vis}"
             f"<div id='{fb}' class='hs-attention-static'><div style='font-size:12px'>Static view (query down, key across):</div>{static}</div>{hide}</div>")
 
 # %% ../../nbs/51_views.attention.ipynb #13bbe1ba
@@ -203,7 +204,7 @@ def _head_picker(n_heads:int, group:int|None, l:int, h:int)->tuple:
 # %% ../../nbs/51_views.attention.ipynb #b8595a93
 _INK = "color:#111111;background-color:#ffffff"    # every element: its own colours, whatever the theme around it
 
-def _explorer(toks:list, d:dict, heads:list, group, layer, head, remove_bos, first_is_special, title, data, controls:bool)->str:
+def _explorer(toks:list, d:dict, heads:list, group, layer, head, remove_bos, first_is_special, title, data, controls:bool, caveat:bool=False)->str:
     "The explorer fragment over layers `d` and head ids `heads` (`data` encodes them in that order)"
     rid = f"hs-explorer-{uuid.uuid4().hex[:12]}"
     w = _removal(first_is_special, toks[0])
@@ -224,7 +225,7 @@ def _explorer(toks:list, d:dict, heads:list, group, layer, head, remove_bos, fir
                f"{modes}<span class='hs-help' style='font-size:11px;color:#4b5563;background-color:#ffffff'>{html.escape(w['help'])}</span></div>")
     top = f"<div style='font-weight:bold;margin:2px 0 6px;{_INK}'>{html.escape(title)}</div>" if title else ""
     static = _static_html(toks, _drop_bos(p) if remove_bos else p, name)
-    return (f"<div class='hs-explorer' id='{rid}' style='{PANEL}'>{top}{ctl}"
+    return (f"<div class='hs-explorer' id='{rid}' style='{PANEL}'>{top}{caveat_html('attention') if caveat else ''}{ctl}"
             f"<div class='hs-now' style='font-weight:bold;margin-top:4px;{_INK}'>{html.escape(name)}</div>"
             f"<div class='hs-cv' style='display:none;{_INK}'><canvas width='1' height='1' style='display:block'></canvas>"
             f"<div class='hs-read' style='font-family:monospace;font-size:12px;min-height:1.3em;{_INK}'>{hint}</div></div>"
@@ -242,6 +243,7 @@ def attention_explorer_html(tokens:list,                 # [pos] token strings (
                             remove_bos:bool=False,       # open in the "key 0 removed, renormalised" view
                             first_is_special:bool|None=None,  # is position 0 a BOS? None: guess from its text
                             data:PatternData|None=None,  # `encode_patterns` of these patterns, when already made
+                            caveat:bool=True,            # open with the "attention is not attribution" banner
                            )->str:
     "Self-contained HTML: pick a layer and head, see its pattern (offline, compact), raw or with key 0 removed"
     toks = display_tokens(tokens)
@@ -251,12 +253,12 @@ def attention_explorer_html(tokens:list,                 # [pos] token strings (
     if layer not in d: raise ValueError(f"Layer {layer} has no pattern; layers given: {layers}.")
     if not 0 <= head < n_heads: raise ValueError(f"Head {head} is out of range: there are {n_heads} heads.")
     data = data or encode_patterns(torch.stack(list(d.values())))
-    return _explorer(toks, d, list(range(n_heads)), _grouping(n_heads, n_kv_heads), layer, head, remove_bos, first_is_special, title, data, True)
+    return _explorer(toks, d, list(range(n_heads)), _grouping(n_heads, n_kv_heads), layer, head, remove_bos, first_is_special, title, data, True, caveat)
 
 def attention_head_html(tokens:list, pattern, layer:int, head:int, n_kv_heads:int|None=None, n_heads:int|None=None,
-                        remove_bos:bool=False, first_is_special:bool|None=None)->str:
-    "One head's pattern `[q_pos k_pos]` drawn as the explorer draws it, without its pickers (a widget's output)"
+                        remove_bos:bool=False, first_is_special:bool|None=None, caveat:bool=False)->str:
+    "One head's pattern `[q_pos k_pos]` drawn as the explorer draws it, without its pickers (a widget's output; the widget shows the banner once)"
     toks = display_tokens(tokens)
     d = _as_layers({layer: torch.as_tensor(pattern)[None]}, len(toks))
     group = _grouping(n_heads, n_kv_heads) if n_heads else None
-    return _explorer(toks, d, [head], group, layer, head, remove_bos, first_is_special, None, encode_patterns(d[layer][None]), False)
+    return _explorer(toks, d, [head], group, layer, head, remove_bos, first_is_special, None, encode_patterns(d[layer][None]), False, caveat)

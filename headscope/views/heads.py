@@ -158,4 +158,14 @@ def census_html(census,            # a `HeadCensus` (read by its fields)
     heat = head_heatmap_html(census.scores, tokens=tokens, patterns=patterns, n_kv_heads=census.n_kv_heads,
                              descriptions=census.descriptions, title=title, first_is_special=first_is_special, **kw)
     return (f"<div class='hs-census' style='{PANEL}'>"
-            f"<div class='hs-title' style='font-weight:bold;margin-bottom:4px;{_INK}'>{html.escape(repr(census))}</div>{_roles_html(census)}{heat}</div>")
+            f"<div class='hs-title' style='font-weight:bold;margin-bottom:4px;{_INK}'>{html.escape(repr(census))}</div>{_roles_html(census)}"
+            f"{_agreement_html(census)}{heat}</div>")
+
+def _agreement_html(census)->str:
+    "One line: how well the census' gradient estimates rank heads against the exact ablations (`extra['gradient_vs_ablation']`)"
+    ag = (getattr(census, "extra", None) or {}).get("gradient_vs_ablation") or {}
+    if not ag: return ""
+    code = f"color:#111111;background-color:#f3f4f6"
+    parts = " · ".join(f"<code style='{code}'>{html.escape(k)}</code> {'n/a' if v != v else f'{v:.2f}'}" for k, v in ag.items())
+    return (f"<div class='hs-agreement' style='{_INK};font-size:12px;margin:4px 0'>Gradient estimates against the exact ablations, "
+            f"Spearman rank correlation over heads: {parts} (1: the same order; the cheap route is a screen, not a substitute).</div>")

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import html, math
 import torch
-from .style import PANEL
+from .style import PANEL, caveat_html
 
 # %% auto #0
 __all__ = ['activations_html', 'probe_result_html']
@@ -57,7 +57,9 @@ def _lines_svg(xs:list, series:dict, band:tuple|None, chance:float, xlabel:str, 
     return "".join(out)
 
 # %% ../../nbs/57_views.probes.ipynb #0c76b41a
-def probe_result_html(r)->str:
+def probe_result_html(r,                  # a `ProbeResult` (read by its fields)
+                      caveat:bool=True,   # open with the "a probe is not use" banner
+                     )->str:
     "A `ProbeResult` as accuracy lines over layers (best head of each layer for head probes) and its best probe"
     s = {k: getattr(r, k) for k in ("train", "test", "cv", "control")}
     lo, hi = r.cv - r.cv_std, r.cv + r.cv_std
@@ -73,4 +75,5 @@ def probe_result_html(r)->str:
     u = r._unit(r.best_layer())
     cap = (f"best <b>{html.escape(r.names[u])}</b>: test {r.test[u]:.3f}, cv {r.cv[u]:.3f} ± {r.cv_std[u]:.3f}, "
            f"control {r.control[u]:.3f}, selectivity {r.selectivity[u]:.3f}")
-    return f"<div class='hs-probes' style='{PANEL};display:inline-block'>{svg}<div style='font-size:12px'>{cap}</div></div>"
+    warn = caveat_html("probe") if caveat else ""
+    return f"<div class='hs-probes' style='{PANEL};display:inline-block'>{warn}{svg}<div style='font-size:12px'>{cap}</div></div>"

@@ -8,8 +8,9 @@ import base64, html, io, json, math
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['PANEL', 'CTRL', 'GROUPS', 'VIRIDIS', 'RDBU', 'NAN', 'colour', 'colour_scale', 'colours', 'fmt_score', 'colourbar_svg',
-           'json_for_script', 'short_token', 'token_text_html', 'fig_png_b64', 'fig_html']
+__all__ = ['PANEL', 'CTRL', 'GROUPS', 'VIRIDIS', 'RDBU', 'NAN', 'CAVEATS', 'colour', 'colour_scale', 'colours', 'fmt_score',
+           'colourbar_svg', 'json_for_script', 'short_token', 'token_text_html', 'fig_png_b64', 'fig_html',
+           'caveat_html']
 
 # %% ../../nbs/50_views.style.ipynb #5d68dc6d
 PANEL = "background-color:#ffffff;color:#111111;color-scheme:light;padding:6px;font-family:system-ui,sans-serif;font-size:13px"
@@ -52,8 +53,9 @@ def fmt_score(x:float)->str:
 def colourbar_svg(lo:float, hi:float, stops:list, gid:str, w:int=180)->str:
     "A horizontal colour bar from `lo` to `hi` (and 0 marked when it lies inside)"
     grad = "".join(f"<stop offset='{i/(len(stops)-1):.3f}' stop-color='{c}'/>" for i, c in enumerate(stops))
-    ticks = [(lo, "start"), (hi, "end")] + ([(0.0, "middle")] if lo < 0 < hi else [])
-    lab = "".join(f"<text x='{6 + (v - lo) / (hi - lo) * w:.1f}' y='30' text-anchor='{a}' fill='#111111'>{fmt_score(v)}</text>" for v, a in ticks)
+    ticks = ([(lo, "start"), (hi, "end")] if hi != lo else [(lo, "start")]) + ([(0.0, "middle")] if lo < 0 < hi else [])
+    span = (hi - lo) or 1.0                                  # one value (a single layer, a constant score): no division by zero
+    lab = "".join(f"<text x='{6 + (v - lo) / span * w:.1f}' y='30' text-anchor='{a}' fill='#111111'>{fmt_score(v)}</text>" for v, a in ticks)
     return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{w+12}' height='36' font-size='10' font-family='system-ui,sans-serif' class='hs-colourbar'>"
             f"<defs><linearGradient id='{gid}'>{grad}</linearGradient></defs><rect width='{w+12}' height='36' fill='#ffffff'/>"
             f"<rect x='6' y='4' width='{w}' height='14' fill='url(#{gid})' stroke='#9ca3af'/>{lab}</svg>")
@@ -91,3 +93,19 @@ def fig_html(fig, dpi:int=100, alt:str="figure")->str:
     "A matplotlib figure as an `<img>` element (inline PNG); the figure is closed"
     import html
     return f"<img src='data:image/png;base64,{fig_png_b64(fig, dpi)}' alt='{html.escape(alt, quote=True)}'/>"
+
+# %% ../../nbs/50_views.style.ipynb #a67565f3
+CAVEATS = {
+    "attention": ("Attention is not attribution", "a head can attend strongly and contribute nothing, and a faint pattern can carry what matters "
+                  "(Jain & Wallace 2019; Wiegreffe & Pinter 2019). What a head writes also depends on its values and output weights: "
+                  "check a role with an ablation or patching before calling it causal."),
+    "probe": ("A probe is not use", "its accuracy shows the information is present in the activations, not that the model uses it (Belinkov 2022; Lampinen et al. 2024); "
+              "compare the control task, and end with a causal check: ablate or steer along the probe direction."),
+}
+
+def caveat_html(kind:str)->str:
+    "A one-line caveat banner (`kind` one of `CAVEATS`): white, amber-edged, every element with its own colours so dark themes leave it readable"
+    if kind not in CAVEATS: raise ValueError(f"No caveat {kind!r}; kinds: {sorted(CAVEATS)}.")
+    head, text = CAVEATS[kind]
+    return (f"<div class='hs-caveat' data-kind='{kind}' role='note' style='background-color:#ffffff;color:#111111;border:1px solid #f3d19c;border-left:4px solid #d97706;"
+            f"padding:3px 8px;margin:2px 0 6px;font-size:12px;font-family:system-ui,sans-serif'><b style='color:#111111;background-color:#ffffff'>{html.escape(head)}:</b> {html.escape(text)}</div>")
