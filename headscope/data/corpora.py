@@ -72,7 +72,7 @@ def token_windows(tok,             # an HF tokenizer
     buf = []
     for i, t in enumerate(texts):
         if i and sep is not None: buf.append(sep)
-        buf += tok(t, add_special_tokens=False)["input_ids"]
+        buf += tok(t, add_special_tokens=False, verbose=False)["input_ids"]   # whole documents: no "longer than the model" warning, they are cut below
         while len(buf) >= n:
             yield torch.tensor(([b] if b is not None else []) + buf[:n], dtype=torch.long)
             buf = buf[n:]

@@ -14,7 +14,6 @@ from .retrieval import retrieval_scores
 from .causal import ablation_scores, head_dla, bf16_is_fast
 from .gradient import GRADIENT_SCORES, gradient_importance
 from .sinks import extreme_tokens, active_dormant
-from ..causal.metrics import agreement
 
 # %% auto #0
 __all__ = ['CAUSAL_SCORES', 'SINK_SCORES', 'SCORE_DESCRIPTIONS', 'DEFAULT_ROLES', 'HeadCensus', 'head_census']
@@ -188,6 +187,7 @@ def head_census(model:nn.Module,
         gi = gradient_importance(model, ablation_text, n_samples=gradient_samples, progress=progress)
         scores.update(gi.scores)
         # the rank correlation with the exact ablation it estimates (first order for the loss, Fisher for the KL)
+        from headscope.causal.metrics import agreement   # here: heads/ imports no causal/ module at load time
         extra["gradient_vs_ablation"] = {f"{g} ~ {a}": agreement(scores[g], scores[a])["spearman"]
                                          for g, a in (("grad_loss", "loss_zero"), ("kl_fisher", "kl_zero")) if g in scores and a in scores}
     if sinks:

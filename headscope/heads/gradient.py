@@ -12,8 +12,6 @@ from ..arch import model_dims
 from ..hooking import hooks, forward
 from ..results import ScoreGrid
 from ..data.needles import text_tokens
-from ..causal.metrics import agreement
-from ..causal.attribution import frozen_params
 
 # %% auto #0
 __all__ = ['GRADIENT_SCORES', 'GradientImportance', 'gradient_importance']
@@ -94,6 +92,7 @@ class GradientImportance(ScoreGrid):
     def compare(self, exact:dict, k:int=10):
         "Pearson, Spearman and top-`k` overlap by |score| (`causal.metrics.agreement`) of every gradient score against every exact one (e.g. `ablation_scores`' dict)"
         import pandas as pd
+        from headscope.causal.metrics import agreement   # here: heads/ imports no causal/ module at load time
         rows = [{"estimate": a, "exact": b, **agreement(sa, sb, k)} for a, sa in self.scores.items() for b, sb in exact.items()]
         return pd.DataFrame(rows).drop(columns=["topk_signed", "n"]).rename(columns={"topk_abs": f"top{k}_abs"})
 
@@ -127,6 +126,7 @@ def gradient_importance(model:nn.Module,
     bar = tqdm(total=-(-len(ids) // batch_size) * (1 + n_samples), desc="gate gradients", disable=not progress, leave=False)
     try:
         model.eval()                                                      # no dropout: the gradient of the model as it predicts
+        from headscope.causal.attribution import frozen_params
         with frozen_params(model), torch.enable_grad():
             for r0 in range(0, len(ids), batch_size):
                 g, f, s = _gate_pass(model, ids[r0:r0 + batch_size].to(dev), dims.n_layers, n_samples, gen, bar)
