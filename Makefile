@@ -7,6 +7,10 @@ STAMP  := $(VENV)/.headscope-installed
 PROMPT ?= When Mary and John went to the store, John gave a drink to
 OUT    ?= reports/demo.html
 DEMO_ARGS ?=
+# notebooks and pytest run WORKERS at once, each with THREADS torch threads: on 2 cores, two single-threaded
+# workers finish the notebooks in 302 s against 799 s for one two-threaded (most of a notebook is Python, not BLAS)
+WORKERS ?= 2
+THREADS ?= 1
 
 .PHONY: env demo lab test test-fast export clean-nbs bench
 env: $(STAMP)
@@ -32,8 +36,8 @@ test: $(STAMP)
 	$(BIN)/nbdev_export
 	@if git rev-parse --git-dir >/dev/null 2>&1 && [ -n "$$(git status --porcelain -- headscope)" ]; then \
 	  git status --porcelain -- headscope; echo "nbdev_export changed headscope/: export the notebooks and commit"; exit 1; fi
-	TRITON_INTERPRET=1 $(BIN)/python tests/run_notebooks.py   # nbdev_test's checks, one fresh process per notebook (memory)
-	TRITON_INTERPRET=1 $(BIN)/pytest tests --durations=15
+	TRITON_INTERPRET=1 $(BIN)/python tests/run_notebooks.py --workers $(WORKERS)   # nbdev_test's checks, one fresh process per notebook (memory)
+	OMP_NUM_THREADS=$(THREADS) TRITON_INTERPRET=1 $(BIN)/pytest tests -n $(WORKERS) --durations=15
 
 test-fast: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/pytest tests -m "not slow" -x -q
