@@ -88,6 +88,8 @@ _LAZY = {
     "causal.reuse": ["circuit_overlap", "Overlap", "circuit_reuse", "CircuitReuse", "hypergeom_sf"],
     "data.tasks": ["colored_objects_pairs", "COLORED_OBJECTS_TEMPLATE"],
     "data.requests": ["HARMFUL", "HARMLESS", "chat_prompts"],
+    "causal.safety": ["refusal_mass", "refusals", "Refusals", "is_refusal", "refusal_token_ids", "safety_heads", "SafetyHeads",
+                      "ablate_top", "REFUSAL_STARTS", "REFUSAL_PHRASES"],
     "probes.edit": ["component_attribution", "ComponentAttribution", "WeightEdit", "rank1_edit", "steer_to_edit", "EditSweep", "edit_sweep"],
     "sae.graph": ["AttributionGraph", "attribution_graph", "feature_cards"],
     "sae.headwise": ["HeadwiseConfig", "HeadwiseDiscreteSAE", "make_headwise", "save_headwise", "load_headwise", "headwise_activations",

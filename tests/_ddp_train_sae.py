@@ -21,4 +21,5 @@ if __name__ == '__main__':
         log = train_sae(sae, X, **KW)
         res[arch] = dict(state={k: v.clone() for k, v in sae.state_dict().items()}, tsf=sae.tokens_since_fired.clone(), history=log.history)
     if dist.get_rank() == 0: torch.save(res, out)
+    dist.barrier()                   # neither rank tears gloo down while the other still talks to it (SIGABRT under load)
     dist.destroy_process_group()

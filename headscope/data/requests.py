@@ -4,7 +4,6 @@
 
 # %% ../../nbs/85_data.requests.ipynb #2e17abb4
 from __future__ import annotations
-from dataclasses import dataclass
 
 # %% auto #0
 __all__ = ['HARMFUL', 'HARMLESS', 'chat_prompts']
