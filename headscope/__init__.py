@@ -81,7 +81,7 @@ _LAZY = {
     "widgets.patching": ["PatchingHeatmap", "CircuitGraph"],
     "views.steering": ["steered_generation_html"],
     "widgets.steering": ["SteeringPlayground"],
-    "views.sae": ["feature_card_html"],
+    "views.sae": ["feature_card_html", "snmf_html", "snmf_steering_html"],
     "widgets.sae": ["FeatureBrowser"],
     "causal.cdt": ["contextual_decomposition", "CDTDecomposition", "cdt_head_contributions", "CDTHeadContributions", "cd_t_circuit", "CDTCircuit"],
     "causal.redundancy": ["drop_sublayers", "sublayer_similarity", "sublayer_redundancy", "SublayerRedundancy", "sublayer_name"],
@@ -100,6 +100,7 @@ _LAZY = {
     "widgets.graph": ["AttributionGraphWidget"],
     "views.edit": ["component_attribution_html", "edit_sweep_html"],
     "views.redundancy": ["redundancy_html"],
+    "views.causal": ["reuse_html"],
 }
 # reachable as `headscope.NAME` but not advertised: test references, kept for code written before the re-cut
 _UNLISTED = {"naive_patching": "causal.reference"}

@@ -124,7 +124,9 @@ class CircuitReuse(ScoreGrid):
     def __repr__(self):
         a, b = self.results
         return f"CircuitReuse({a} vs {b}, {self.method} patching, top-{self.k}: {self.overlap!r}, spearman {self.agreement['spearman']:.2f})"
-    def _repr_html_(self): return _reuse_html(self)
+    def _repr_html_(self):
+        from headscope.views.causal import reuse_html
+        return reuse_html(self)
 
 def circuit_reuse(model:nn.Module,
                   task_a, task_b,                 # `PromptPairs` (clean, corrupt, `logit_diff()`), e.g. `ioi_pairs`, `colored_objects_pairs`
@@ -152,37 +154,3 @@ def circuit_reuse(model:nn.Module,
     ra, rb = res.values()
     return CircuitReuse({n: r.scores for n, r in res.items()}, res, circuit_overlap(ra, rb, k=k, absolute=absolute),
                         agreement(ra, rb, k=k), k, absolute, method, index=ra.axis_index())
-
-# %% ../../nbs/24c_causal.reuse.ipynb #8ba78262
-def _outline(h:str, res, heads, stroke:str)->str:
-    "`h` (a `patching_heatmap_html` of `res`) with the cells of `heads` outlined"
-    import re
-    ix = res.axis_index()
-    rows, cols = ({v: i for i, v in enumerate(ix[a])} for a in ("layer", "head"))
-    for name in heads:
-        m = _HEAD_RE.match(name)
-        r, c = rows[int(m[1])], cols[int(m[2])]
-        h = re.sub(rf"(<rect class='hs-cell' data-r='{r}' data-c='{c}' [^>]*?)stroke='#ffffff' stroke-width='0.5'", rf"\1{stroke}", h, count=1)
-    return h
-
-def _reuse_html(r)->str:
-    "Two patching heatmaps side by side, the shared top heads outlined, and the overlap against chance"
-    import html
-    from headscope.views.patching import patching_heatmap_html, score_title
-    from headscope.views.style import PANEL
-    o, (na, nb) = r.overlap, list(r.results)
-    top = {na: o.a, nb: o.b}
-    maps = []
-    for n, res in r.results.items():
-        h = patching_heatmap_html(res, title=score_title(res, f"{n}: {r.method} patching of {res.kind} at pos={res.pos!r}"))
-        h = _outline(h, res, o.shared, "stroke='#111111' stroke-width='3'")
-        h = _outline(h, res, [x for x in top[n] if x not in o.shared], "stroke='#4b5563' stroke-width='1.5' stroke-dasharray='3,2'")
-        maps.append(f"<div style='flex:1 1 360px;min-width:0;color:#111111;background-color:#ffffff'>{h}</div>")
-    e = lambda xs: html.escape(", ".join(xs) or "none")
-    rank = "|score|" if r.absolute else "score"
-    txt = (f"<b>Top-{r.k} heads by {rank}: {o.intersection} shared</b> (Jaccard {o.jaccard:.2f}); random circuits of these sizes among "
-           f"{o.n} heads share {o.expected:.2f} on average, and {o.intersection} or more with probability {o.p_value:.2g} (hypergeometric). "
-           f"Over every head, Pearson {r.agreement['pearson']:.2f} and Spearman {r.agreement['spearman']:.2f}.<br>Shared (black): {e(o.shared)}<br>"
-           f"Only {html.escape(na)} (dashed): {e([x for x in o.a if x not in o.shared])}<br>Only {html.escape(nb)} (dashed): {e([x for x in o.b if x not in o.shared])}")
-    return (f"<div class='hs-reuse' style='{PANEL}'><div style='margin:2px 0 6px;color:#111111;background-color:#ffffff'>{txt}</div>"
-            f"<div style='display:flex;flex-wrap:wrap;gap:12px;color:#111111;background-color:#ffffff'>{''.join(maps)}</div></div>")

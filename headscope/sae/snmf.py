@@ -49,19 +49,9 @@ class SNMF:
         at = f" of {self.data.hook_name}" if self.data is not None else ""
         return (f"SNMF{at}: {self.Z.shape[0]} neurons × {self.n} tokens ≈ {self.k} features{sp}; relative error "
                 f"{self.rel_error:.4g} after {len(self.errors)} iterations (init {self.init!r}, seed {self.seed})")
-    def _repr_html_(self): return _snmf_html(self)
-
-def _snmf_html(s:SNMF)->str:
-    import html, matplotlib; import matplotlib.pyplot as plt
-    from headscope.views.style import PANEL, fig_html
-    with matplotlib.rc_context({"text.color": "#111", "axes.labelcolor": "#111", "xtick.color": "#111", "ytick.color": "#111"}):
-        fig, ax = plt.subplots(figsize=(4.6, 2.6), facecolor="white"); ax.set_facecolor("white")
-        r = s.rel_errors.tolist()
-        ax.plot(range(1, len(r) + 1), r, color="#2166ac"); ax.plot([s.best_iter + 1], [r[s.best_iter]], "o", color="#b2182b")
-        if min(r) > 0: ax.set_yscale("log")
-        ax.set_xlabel("iteration"); ax.set_ylabel("‖A − ZY‖² / ‖A‖²"); fig.tight_layout()
-        img = fig_html(fig, dpi=80, alt="Semi-NMF error per iteration")
-    return f"<div class='hs-snmf' style='{PANEL}'><div><b>{html.escape(repr(s))}</b></div>{img}</div>"
+    def _repr_html_(self):
+        from headscope.views.sae import snmf_html
+        return snmf_html(self)
 
 # %% ../../nbs/47d_sae.snmf.ipynb #a3d2c60e
 def _int(v, what:str, lo:int=1)->int:
@@ -272,21 +262,9 @@ class SNMFSteering(ScoreGrid):
         b = self.beats_baseline()
         return (f"SNMFSteering(L{self.layer}, {len(self.components)} features × coeffs {self.coeffs.tolist()}; "
                 f"{int(b.sum())} match or pass diff-in-means at equal norm)")
-    def _repr_html_(self): return _steering_html(self)
-
-def _steering_html(r:SNMFSteering)->str:
-    import html
-    from headscope.views.style import PANEL
-    td = "style='padding:1px 6px;text-align:right;color:#111111'"
-    head = "".join(f"<th {td}>c={c:g}</th>" for c in r.coeffs.tolist())
-    cell = lambda e, b, p: (f"<td {td} title='perplexity {p:.3g}'><b style='color:{'#2166ac' if e >= b else '#111111'}'>{e:+.2f}</b>"
-                            f" <span style='color:#6b7280'>vs {b:+.2f}</span></td>")
-    rows = "".join(f"<tr><td {td}>{c} ({'+' if s > 0 else '−'})</td>" + "".join(cell(e, b, p) for e, b, p in zip(E, B, P)) + "</tr>"
-                   for c, s, E, B, P in zip(r.components.tolist(), r.sign.tolist(), r.effect.tolist(), r.baseline_effect.tolist(), r.perplexity.tolist()))
-    return (f"<div class='hs-snmf-steer' style='{PANEL}'><div><b>{html.escape(repr(r))}</b></div>"
-            f"<table style='border-collapse:collapse;font-size:12px;color:#111111'><tr><th {td}>feature (side)</th>{head}</tr>{rows}</table>"
-            f"<div style='font-size:11px;color:#4b5563'>Attribute shift towards each feature's side, against diff-in-means at the same norm "
-            f"(blue: matches or passes it); hover a cell for the perplexity on neutral text (unsteered {r.base_perplexity:.3g}).</div></div>")
+    def _repr_html_(self):
+        from headscope.views.sae import snmf_steering_html
+        return snmf_steering_html(self)
 
 # %% ../../nbs/47d_sae.snmf.ipynb #e633b8bf
 def snmf_steering(model:nn.Module, s:SNMF,
