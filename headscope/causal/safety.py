@@ -16,7 +16,7 @@ from ..interventions import generate
 from ..results import ScoreGrid
 from ..data.requests import chat_prompts
 from .ablation import ablate_heads, component, _parse
-from ..heads.causal import _BlocksReplay, _record_blocks
+from ..heads.causal import _BlocksReplay, _record_blocks, _row_knockouts
 from .attribution import frozen_params, _tap
 
 # %% auto #0
@@ -131,16 +131,8 @@ def _scan(model, prompts:list, cells:list, mode:str, means, max_tokens:int, bar)
     per, out = max(1, max_tokens // x["input_ids"].numel()), {}
     for c0 in range(0, len(cells), per):
         chunk = cells[c0:c0 + per]; K = len(chunk)
-        by = {}
-        for i, (l, h) in enumerate(chunk): by.setdefault(l, []).append((i, h))
-        def knock(l):
-            def f(z, hook):
-                z = z.clone().view(K, B, *z.shape[1:])
-                for i, h in by[l]: z[i, :, :, h] = 0 if mode == "zero" else means[l][h].to(z)
-                return z.view(-1, *z.shape[2:])
-            return f
         xk = {k: v.repeat(K, 1) for k, v in x.items()}
-        with torch.no_grad(), _BlocksReplay(model, outs, chunk[0][0], K), hooks(model, [(f"blocks.{l}.attn.hook_z", knock(l)) for l in by]):
+        with torch.no_grad(), _BlocksReplay(model, outs, chunk[0][0], K), hooks(model, _row_knockouts(chunk, B, mode, means)):
             a = torch.log_softmax(forward(model, xk, **_keep_last(model)).logits[:, -1].float(), -1).view(K, B, -1)
         for i, c in enumerate(chunk): out[c] = a[i]
         bar.update(K)

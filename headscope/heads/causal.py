@@ -60,6 +60,21 @@ def _record_blocks(model, x:dict)->tuple:
     finally:
         for h in hs: h.remove()
 
+def _row_knockouts(chunk:list,     # [(l, h)]: rows k·B .. (k+1)·B - 1 of the batch have head chunk[k] removed
+                   B:int,          # rows per copy (the prompts)
+                   mode:str,       # "zero", or "mean": z set to `means[l][h]` `[d_head]`
+                   means=None)->list:  # [(hook name, fn)] on `attn.hook_z`
+    "Hooks that remove one head per block of rows: K heads ablated in one forward of the prompts repeated K times"
+    K, by = len(chunk), {}
+    for i, (l, h) in enumerate(chunk): by.setdefault(l, []).append((i, h))
+    def knock(l):
+        def f(z, hook):
+            z = z.clone().view(K, B, *z.shape[1:])
+            for i, h in by[l]: z[i, :, :, h] = 0 if mode == "zero" else means[l][h].to(z)
+            return z.view(-1, *z.shape[2:])
+        return f
+    return [(f"blocks.{l}.attn.hook_z", knock(l)) for l in by]
+
 def bf16_is_fast(device)->bool:
     "Whether bfloat16 matmuls run natively on `device`: a CUDA GPU that supports them, or a CPU with AVX512-BF16 or AMX-BF16"
     device = torch.device(device)
@@ -111,16 +126,8 @@ def ablation_scores(model:nn.Module,
     for mode in modes:
         for c0 in range(0, len(cells), per):
             chunk = cells[c0:c0 + per]; K = len(chunk)
-            by_layer = {}
-            for i, (l, h) in enumerate(chunk): by_layer.setdefault(l, []).append((i, h))
-            def knock(l):
-                def f(z, hook):
-                    z = z.clone().view(K, B, *z.shape[1:])
-                    for i, h in by_layer[l]: z[i, :, :, h] = 0 if mode == "zero" else means[l, h].to(z)
-                    return z.view(-1, *z.shape[2:])
-                return f
             xk = {"input_ids": x["input_ids"].repeat(K, 1)}
-            fns = [(f"blocks.{l}.attn.hook_z", knock(l)) for l in by_layer]
+            fns = _row_knockouts(chunk, B, mode, means)
             with torch.no_grad(), _autocast(model, dtype), _BlocksReplay(model, outs, chunk[0][0], K), hooks(model, fns):
                 a = forward(model, xk, **(_keep_last(model) if final else {})).logits
             a = (a[:, -1:] if final else a[:, :-1]).view(K, B, *lg.shape[1:])

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/33b_probes.edit.ipynb #f62ccc61
 from __future__ import annotations
-import copy, json, math, numbers, re
+import copy, json, math, numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 import torch
@@ -13,6 +13,7 @@ from ..arch import arch_spec, model_dims, blocks, get_module, head_out_weights, 
 from ..tokens import to_inputs
 from ..hooking import hooks
 from ..results import ScoreGrid
+from ..causal.ablation import component, _parse
 from .steering import SteeringVector, _number, _prompts, _check_vector
 from .sweep import SteeringSweep, steering_sweep, _attribute_fn, _next_token, _utility   # the attribute and utility of E8, as steering measures them
 
@@ -21,14 +22,12 @@ __all__ = ['ComponentAttribution', 'component_attribution', 'WeightEdit', 'rank1
            'edit_sweep']
 
 # %% ../../nbs/33b_probes.edit.ipynb #f716dda2
-_HEAD_RE, _MLP_RE = re.compile(r"^L(\d+)H(\d+)$"), re.compile(r"^MLP(\d+)$")
-
 def _component(model:nn.Module, name)->tuple:
-    "`'L{l}H{h}'` -> ('head', l, h); `'MLP{l}'` -> ('mlp', l, None), checked against the model"
-    if not isinstance(name, str) or not (_HEAD_RE.match(name) or _MLP_RE.match(name)):
+    "`'L{l}H{h}'` -> ('head', l, h); `'MLP{l}'` -> ('mlp', l, None), checked against the model (the names `causal.ablation` reads)"
+    if not isinstance(name, str):
         raise ValueError(f"Unknown component {name!r}: name heads 'L{{l}}H{{h}}' (e.g. 'L12H3') and MLPs 'MLP{{l}}' (e.g. 'MLP12').")
-    if (m := _HEAD_RE.match(name)): return "head", check_layers(model, int(m[1]), name)[0], check_head(model, int(m[2]), what=name)
-    return "mlp", check_layers(model, int(_MLP_RE.match(name)[1]), name)[0], None
+    kind, *idx = _parse(component(model, name))
+    return (kind, *idx) if kind == "head" else (kind, idx[0], None)
 
 def _w_out(model:nn.Module, c:tuple)->Tensor:
     "The output matrix `[d_in d_model]` of component `c` (TransformerLens' side): a view of the real weight, so in-place writes edit the model"
