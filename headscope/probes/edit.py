@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 import torch
 from torch import nn, Tensor
-from ..arch import arch_spec, model_dims, blocks, get_module, head_out_weights, check_layers, check_head
+from ..arch import arch_spec, model_dims, blocks, get_module, head_out_weights, check_layers
 from ..tokens import to_inputs
 from ..hooking import hooks
 from ..results import ScoreGrid
