@@ -69,13 +69,31 @@ def test_one_layer_linear_toy_equals_dla(arch):
     assert float(hc.scores.abs().max()) > 0.05
 
 def test_zeroed_head_contributes_nothing():
-    "A head whose W_O is zero has contribution exactly 0, to the logits and to every later head; others do not"
-    m = _model("llama", n_layers=3, seed=3, initializer_range=0.2)
-    with torch.no_grad(): m.model.layers[1].self_attn.o_proj.weight[:, 32:48] = 0     # L1H2 (d_head 16)
-    hc = cdt_head_contributions(m, _ids(3, 8, 1), 65, 66, progress=False)
-    assert float(hc.scores[1, 2]) == 0.
-    assert float(hc.pair[:, hc.heads.index("L1H2")].nan_to_num().abs().max()) == 0.
-    assert float(hc.scores.abs().max()) > 1e-3 and float(hc.pair.nan_to_num().abs().max()) > 1e-4
+    "A head whose W_O is zero contributes nothing (to rounding: rel is read as full - irrel), to the logits and to every later head; others do"
+    for arch, dtype, tol in (("gpt2", torch.float64, 1e-12), ("llama", torch.float32, 1e-5)):   # (HF's RMSNorm is float32 even in float64)
+        m = _model(arch, dtype, n_layers=3, seed=3, initializer_range=0.2)
+        with torch.no_grad():                                                          # L1H2 (d_head 16)
+            if arch == "llama": m.model.layers[1].self_attn.o_proj.weight[:, 32:48] = 0
+            else: m.transformer.h[1].attn.c_proj.weight[32:48] = 0                     # Conv1D: [in out]
+        hc = cdt_head_contributions(m, _ids(3, 8, 1), 65, 66, progress=False)
+        big, pair = float(hc.scores.abs().max()), hc.pair.nan_to_num()
+        assert float(hc.per_prompt[:, 1, 2].abs().max()) <= tol * big
+        assert float(pair[:, hc.heads.index("L1H2")].abs().max()) <= tol * float(pair.abs().max())
+        assert big > 1e-3 and float(pair.abs().max()) > 1e-4
+
+def test_matches_the_two_row_reference():
+    "rel read as full - irrel equals rel carried in rows of its own with P11's rules applied to it (tests/_cdt_reference.py)"
+    from _cdt_reference import reference_split
+    for arch in ("llama", "gpt2", "gpt_neox", "phi3", "gemma2"):
+        m, ids = _model(arch, torch.float64), _ids()
+        tol = 1e-12 if arch in ("gpt2", "gpt_neox") else 1e-6      # HF's RMSNorm computes in float32 even in a float64 model
+        for heads, stab in (([(1, 2)], True), ([(0, 1), (2, 0)], False)):
+            rel, irrel = reference_split(m, ids, heads, stabilise=stab)
+            d = contextual_decomposition(m, ids, heads, stabilise=stab)
+            scale = float(d.full.abs().max())
+            assert float((d.rel[:, heads[0][0]:] - rel).abs().max()) < tol * scale, (arch, heads)
+            assert float((d.irrel[:, heads[0][0]:] - irrel).abs().max()) < tol * scale, (arch, heads)
+            assert float(rel[:, -1].abs().max()) > 1e-4
 
 def test_sweep_matches_single_decompositions():
     "Each cell of the batched sweep (heads of a layer together, from that layer up) is the one-source decomposition's logit difference"
@@ -111,7 +129,7 @@ def test_hooks_removed_even_when_a_run_fails():
     def boom(act, hook): raise RuntimeError("boom")
     eng = _Engine(m, _inputs(m, ids))
     h0 = eng.resid_pre(0)
-    with pytest.raises(RuntimeError, match="boom"): eng.run(0, torch.zeros_like(h0), h0, 1, [("blocks.1.attn.hook_z", boom)])
+    with pytest.raises(RuntimeError, match="boom"): eng.run(0, h0, 1, [("blocks.1.attn.hook_z", boom)])
     assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules())
     assert m.config._attn_implementation == impl
 

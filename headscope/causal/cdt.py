@@ -46,11 +46,6 @@ def _inputs(model:nn.Module, prompts)->dict:
     return {"input_ids": x["input_ids"]}
 
 # %% ../../nbs/27a_causal.cdt.ipynb #eece04fd
-def _act(mlp:nn.Module):
-    f = next((getattr(mlp, a) for a in ("act_fn", "act", "activation_fn", "activation") if callable(getattr(mlp, a, None))), None)
-    if f is None: raise ValueError(f"No activation function (act_fn, act, activation_fn) on {type(mlp).__name__}: CD-T cannot apply P11's MLP rule.")
-    return f
-
 def _rep(v, B:int, n:int):
     "Repeat a batch-first tensor (or a tuple of them) of `B` rows `n` times; other values unchanged"
     if isinstance(v, Tensor) and v.ndim >= 2 and v.shape[0] == B: return v.repeat(n, *[1] * (v.ndim - 1))
@@ -62,7 +57,7 @@ def _stabilise(rel:Tensor, irrel:Tensor)->tuple[Tensor, Tensor]:
     return torch.where(opp, torch.where(big, rel + irrel, z), rel), torch.where(opp, torch.where(big, z, rel + irrel), irrel)
 
 class _Engine:
-    "The real run's block inputs, and decomposed runs of blocks `start..` on rows `[full B | rel K·B | irrel K·B]`"
+    "The real run's block inputs, and decomposed runs of blocks `start..` on rows `[full B | irrel K·B]` (each source's rel = full - irrel)"
     def __init__(self, model:nn.Module, x:dict, stabilise:bool=True):
         self.model, self.spec, self.dims, self.blks, self.stabilise = model, arch_spec(model), model_dims(model), blocks(model), stabilise
         self.calls, self.B = [None] * len(self.blks), x["input_ids"].shape[0]
@@ -76,65 +71,46 @@ class _Engine:
     def resid_pre(self, l:int)->Tensor: return _in(*self.calls[l])
 
     def _rules(self, start:int, K:int)->tuple[list, list]:
-        "Raw module hooks (biases, frozen norms) and TL-named hooks (frozen patterns, the MLP rule) for blocks `start..`"
-        B, sp, nb, R = self.B, self.spec, K * self.B, self.B * (1 + 2 * K)
-        def unbias(mod, args, o):
-            if o.shape[0] != R: return None
-            o = o.clone(); o[B:B + nb] -= mod.bias.to(o); return o
+        "Raw module hooks (frozen norms) and TL-named hooks (frozen patterns) for blocks `start..`: all the irrel rows need"
+        B, sp, R = self.B, self.spec, self.B * (1 + K)
         def norm(mod, args, kwargs, o):
             x = _in(args, kwargs)
             if x.ndim < 2 or x.shape[0] != R: return None        # e.g. the norm of a row of ones that `_normalise` asks for
             new, b = o.clone(), getattr(mod, "bias", None)
-            new[B:] = _normalise(mod, x[:B].repeat(2 * K, *[1] * (x.ndim - 1)), x[B:], weight=True).to(o)
-            if isinstance(b, Tensor): new[B + nb:] += b.to(o)
+            new[B:] = _normalise(mod, x[:B].repeat(K, *[1] * (x.ndim - 1)), x[B:], weight=True).to(o)
+            if isinstance(b, Tensor): new[B:] += b.to(o)          # a norm's bias belongs to irrel
             return new
-        pattern = lambda act, hook: torch.cat([act[:B]] * (1 + 2 * K))
-        raw, tl, paths = [], [], sorted({sp.ln1, sp.ln2, sp.attn_out if sp.attn_out != sp.attn else None, sp.mlp_out if sp.mlp_out != sp.mlp else None} - {None})
-        for l in range(start, len(self.blks)):
-            blk = self.blks[l]
-            raw += [(m, unbias, False) for m in blk.modules() if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")   # GPT-2's Conv1D
-                    and isinstance(getattr(m, "bias", None), Tensor)] + [(get_module(blk, p), norm, True) for p in paths]
-            tl += [(f"blocks.{l}.attn.hook_pattern", pattern)] + self._mlp_rule(l, B, nb)
-        return raw, tl
-
-    def _mlp_rule(self, l:int, B:int, nb:int)->list:
-        "P11's MLP rule at the down projection's input: irrel' = f(irrel), rel' = f(rel + irrel) - f(irrel) (exactly 0 when rel is)"
-        f, st, gated = _act(get_module(self.blks[l], self.spec.mlp)), {}, self.dims.gated
-        def keep(k): return lambda act, hook: st.__setitem__(k, (act[B:B + nb], act[B + nb:]))
-        def post(act, hook):
-            (gr, gi), (ur, ui) = st.pop("g"), (st.pop("u") if gated else (0, 1))   # not gated: f(g) * 1
-            fi = f(gi) * ui
-            new = act.clone(); new[B + nb:] = fi.to(act); new[B:B + nb] = (f(gr + gi) * (ur + ui) - fi).to(act)
-            return new
-        return ([(f"blocks.{l}.mlp.hook_pre", keep("g"))] + [(f"blocks.{l}.mlp.hook_pre_linear", keep("u"))] * gated
-                + [(f"blocks.{l}.mlp.hook_post", post)])
+        pattern = lambda act, hook: act[:B].repeat(1 + K, *[1] * (act.ndim - 1))
+        paths = sorted({sp.ln1, sp.ln2, sp.attn_out if sp.attn_out != sp.attn else None, sp.mlp_out if sp.mlp_out != sp.mlp else None} - {None})
+        raw = [(get_module(self.blks[l], p), norm) for l in range(start, len(self.blks)) for p in paths]
+        return raw, [(f"blocks.{l}.attn.hook_pattern", pattern) for l in range(start, len(self.blks))]
 
     @torch.no_grad()
-    def run(self, start:int, rel:Tensor, irrel:Tensor, K:int, fns=(), keep:bool=False)->tuple[Tensor, list]:
-        "Final hidden states `[R pos d_model]` of rows `[full | rel | irrel]` entering block `start` as given, and (with `keep`) every block's output"
-        n, h = 1 + 2 * K, torch.cat([self.resid_pre(start), rel, irrel])
+    def run(self, start:int, irrel:Tensor, K:int, fns=(), keep:bool=False)->tuple[Tensor, list]:
+        "Final hidden states `[R pos d_model]` of rows `[full | irrel]` entering block `start` as given, and (with `keep`) every block's output"
+        n, h, B = 1 + K, torch.cat([self.resid_pre(start), irrel]), self.B
         (raw, tl), handles, outs = self._rules(start, K), [], []
-        try:   # raw hooks first: a biased projection's output is corrected before the TL hooks on it read it
-            for m, fn, kw in raw: handles.append(m.register_forward_hook(fn, with_kwargs=kw))
+        try:
+            for m, fn in raw: handles.append(m.register_forward_hook(fn, with_kwargs=True))
             with hooks(self.model, tl + list(fns)):
                 for l in range(start, len(self.blks)):
                     args, kwargs = self.calls[l]
-                    args, kwargs = _with_in(_rep(args, self.B, n), {k: _rep(v, self.B, n) for k, v in kwargs.items()}, h)
+                    args, kwargs = _with_in(_rep(args, B, n), {k: _rep(v, B, n) for k, v in kwargs.items()}, h)
                     o = self.blks[l](*args, **kwargs)
                     h = o[0] if isinstance(o, tuple) else o
-                    if self.stabilise: h = torch.cat([h[:self.B], *_stabilise(h[self.B:self.B + K * self.B], h[self.B + K * self.B:])])
+                    if self.stabilise:
+                        full = h[:B].repeat(K, *[1] * (h.ndim - 1))
+                        h = torch.cat([h[:B], _stabilise(full - h[B:], h[B:])[1]])
                     if keep: outs.append(h)
         finally:
             for hd in handles: hd.remove()
         return h, outs
 
 def _head_source(B:int, K:int, heads:list, P):
-    "Hook on `attn.hook_z`: for each `(k, h)`, source k's rel rows take the full row's head h, its irrel rows lose it"
+    "Hook on `attn.hook_z`: for each `(k, h)`, source k's irrel rows lose head h (so its rel, full - irrel, is exactly that head)"
     def f(act, hook):
         new = act.clone()
-        for k, h in heads:
-            r, ir = slice(B + k * B, B + (k + 1) * B), slice(B + (K + k) * B, B + (K + k + 1) * B)
-            new[r, P, h] = act[:B, P, h]; new[ir, P, h] = 0
+        for k, h in heads: new[B + k * B:B + (k + 1) * B, P, h] = 0
         return new
     return f
 
@@ -187,13 +163,14 @@ def contextual_decomposition(model:nn.Module,
     P = _positions(pos, x["input_ids"].shape[1])
     eng = _Engine(model, x, stabilise)
     start = 0 if kind == "embed" else heads[0][0]
-    h0 = eng.resid_pre(start); rel = torch.zeros_like(h0)
-    if kind == "embed": rel[:, P] = h0[:, P]
+    irrel = eng.resid_pre(start).clone()
+    if kind == "embed": irrel[:, P] = 0                              # the span's embeddings are the source: all of them rel
     fns = [(f"blocks.{l}.attn.hook_z", _head_source(eng.B, 1, [(0, h) for l2, h in heads if l2 == l], P)) for l in sorted({l for l, _ in heads})]
-    (final, outs), B, tok = eng.run(start, rel, h0 - rel, 1, fns, keep=True), eng.B, getattr(model, "tokenizer", None)
+    (final, outs), B, tok = eng.run(start, irrel, 1, fns, keep=True), eng.B, getattr(model, "tokenizer", None)
     before = [eng.resid_pre(l + 1) for l in range(start)]              # below the source: all of it is the rest
-    full, rel, irrel = (torch.stack(a + [o[i * B:(i + 1) * B] for o in outs], 1) for i, a in enumerate((before, [0 * t for t in before], before)))
-    rl, il = _unembed(model, final[:B], final[B:2 * B], final[2 * B:])
+    full, irrel = (torch.stack(a + [o[i * B:(i + 1) * B] for o in outs], 1) for i, a in enumerate((before, before)))
+    rel = full - irrel
+    rl, il = _unembed(model, final[:B], final[:B] - final[B:], final[B:])
     return CDTDecomposition(rel, irrel, full, rl, il, ["embed"] if kind == "embed" else [f"L{l}H{h}" for l, h in heads],
                             None if pos is None else P.tolist(), token_strs(tok, x["input_ids"][0]) if tok is not None else [])
 
@@ -218,12 +195,13 @@ def _sweep(model, eng:_Engine, srcs:list, tgts:list, d:Tensor, P, batch_size:int
         later = sorted({t for t, _ in tgts if t > l})
         fns = [(f"blocks.{l}.attn.hook_z", _head_source(B, K, [(k, h) for k, (_, h) in enumerate(ch)], P))]
         fns += [(f"blocks.{t}.attn.hook_z", lambda act, hook: zs.__setitem__(hook.layer, act[:, -1].clone())) for t in later]
-        final, _ = eng.run(l, torch.zeros_like(h0 := eng.resid_pre(l).repeat(K, 1, 1)), h0, K, fns)
-        fin, dk, rows = final[:B, -1].repeat(K, 1), d.repeat(K, 1), slice(B, B + K * B)
+        final, _ = eng.run(l, eng.resid_pre(l).repeat(K, 1, 1), K, fns)
+        fin, dk = final[:B, -1].repeat(K, 1), d.repeat(K, 1)
         idx = torch.tensor([i for i, _ in ch])
-        logit[:, idx] = (_normalise(lnf, fin, final[rows, -1], True).double() * dk).sum(-1).view(K, B).T.cpu()
+        logit[:, idx] = (_normalise(lnf, fin, fin - final[B:, -1], True).double() * dk).sum(-1).view(K, B).T.cpu()
         for t in later:
-            s = _direct(model, t, zs[t][rows], zs[t][:B].repeat(K, 1, 1), fin, dk).view(K, B, -1)   # [K B head]
+            zf = zs[t][:B].repeat(K, 1, 1)                               # rel of each head's z: full - irrel
+            s = _direct(model, t, zf - zs[t][B:], zf, fin, dk).view(K, B, -1)   # [K B head]
             js = [j for j, (lt, _) in enumerate(tgts) if lt == t]
             pair[:, idx[:, None], torch.tensor(js)] = s[:, :, [tgts[j][1] for j in js]].permute(1, 0, 2).cpu()
     return logit, pair
