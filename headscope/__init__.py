@@ -10,6 +10,7 @@ _LAZY = {
     "arch": ["model_hook_names", "resolve_names", "model_dims", "arch_spec", "act_name", "SUPPORTED_ARCHS",
              "check_layers", "check_head", "head_out_weights", "fold_norm", "hook_shape", "post_rotary_kind"],
     "norms": ["norm_scale"],
+    "dispatch": ["input_device", "execution_device", "compute_devices", "module_tensor", "MetaWeightError", "layer_devices", "DevicePlacement"],
     "tokens": ["to_inputs", "to_tokens", "to_str_tokens", "to_string", "to_single_token", "get_token_position", "token_strs", "show_tokens", "single_token_id", "single_token_ids", "pos_index", "set_prepend_bos"],
     "hooking": ["hooks", "run_with_hooks", "run_until", "StopForward", "HookContext"],
     "interventions": ["patch", "ablate", "scale", "add", "generate"],
@@ -101,6 +102,9 @@ _LAZY = {
     "views.edit": ["component_attribution_html", "edit_sweep_html"],
     "views.redundancy": ["redundancy_html"],
     "views.causal": ["reuse_html"],
+    "causal.experts": ["expert_routing", "ExpertRouting", "expert_outputs", "ExpertOutputs", "moe_layers", "expert_mlp", "shared_out"],
+    "causal.expert_edits": ["ablate_expert", "force_expert"],
+    "views.experts": ["routing_html", "expert_outputs_html"],
 }
 # reachable as `headscope.NAME` but not advertised: test references, kept for code written before the re-cut
 _UNLISTED = {"naive_patching": "causal.reference"}

@@ -12,81 +12,37 @@ from .norms import norm_scale, fold_norm, _norm_eps, _is_layer_norm   # the norm
 _all_ = ["norm_scale", "fold_norm"]
 
 # %% auto #0
-__all__ = ['ARCH_SPECS', 'SUPPORTED_ARCHS', 'ATTN_INTERNAL_KINDS', 'ArchSpec', 'UnsupportedArchitectureError', 'arch_spec',
-           'ModelDims', 'config_dims', 'model_dims', 'HookPoint', 'hook_points', 'model_hook_names', 'hook_shape',
-           'post_rotary_kind', 'HookNameError', 'act_name', 'resolve_names', 'get_module', 'blocks', 'embed_is_resid',
-           'check_layers', 'check_head', 'head_out_weights', 'norm_scale', 'fold_norm']
+__all__ = ['ATTN_INTERNAL_KINDS', 'arch_spec', 'ModelDims', 'config_dims', 'model_dims', 'HookPoint', 'hook_points',
+           'model_hook_names', 'hook_shape', 'post_rotary_kind', 'HookNameError', 'act_name', 'resolve_names',
+           'get_module', 'blocks', 'embed_is_resid', 'check_layers', 'check_head', 'head_out_weights', 'norm_scale',
+           'fold_norm', 'ArchSpec', 'ARCH_SPECS', 'SUPPORTED_ARCHS', 'UnsupportedArchitectureError']
 
 # %% ../nbs/01_arch.ipynb #4b33831f
-@dataclass(frozen=True)
-class ArchSpec:
-    "Where the hook points of one architecture live (module paths; block-relative where noted)."
-    layers: str                    # the ModuleList of blocks
-    embed: str                     # token embedding
-    ln_final: str                  # final norm, applied before the unembedding
-    attn: str                      # attention module (block-relative); its inside is hooked through transformers' attention interface
-    attn_out: str                  # module whose output is added to the residual stream after attention (block-relative)
-    mlp: str                       # MLP module (block-relative)
-    mlp_out: str                   # module whose output is added to the residual stream after the MLP (block-relative)
-    mlp_in: str                    # module whose output is the MLP pre-activation `hook_pre` (block-relative)
-    mlp_down: str                  # module whose *input* is the MLP hidden activation `hook_post` (block-relative)
-    mlp_linear: str|None = None    # gated MLPs: the linear (up) projection, `hook_pre_linear`
-    fused_gate_up: bool = False    # Phi-3: gate and up projections are one Linear, split in halves (gate first)
-    ln1: str|None = None           # norm before attention (block-relative), `ln1.hook_normalized`
-    ln2: str|None = None           # norm before the MLP (block-relative), `ln2.hook_normalized`
-    pos_embed: str|None = None     # learned absolute positions (GPT-2)
-    parallel_attr: str|None = None # config flag that makes attention and MLP read the same residual (GPT-NeoX)
-    rotary: bool = True            # rotary position embeddings: `hook_q`/`hook_k` are read before them, `hook_rot_q`/`hook_rot_k` after
-    q_proj: str|None = None        # rotary models: the Linear whose output is `attn.hook_q` (before any q norm and rotary; block-relative)
-    k_proj: str|None = None        # the same for `attn.hook_k`; equal to `q_proj` when q, k and v come from one fused Linear
-    qkv_fused: str|None = None     # that fused Linear's layout: "concat" (`[q | k | v]`, Phi-3) or "heads" (`[q k v]` per head, GPT-NeoX)
+from .arch_specs import ArchSpec, ARCH_SPECS, SUPPORTED_ARCHS, UnsupportedArchitectureError
+_all_ = ["ArchSpec", "ARCH_SPECS", "SUPPORTED_ARCHS", "UnsupportedArchitectureError"]
 
 # %% ../nbs/01_arch.ipynb #5db8a1f8
-_LLAMA = ArchSpec(layers="model.layers", embed="model.embed_tokens", ln_final="model.norm",
-                  attn="self_attn", attn_out="self_attn", mlp="mlp", mlp_out="mlp",
-                  mlp_in="mlp.gate_proj", mlp_linear="mlp.up_proj", mlp_down="mlp.down_proj",
-                  ln1="input_layernorm", ln2="post_attention_layernorm",
-                  q_proj="self_attn.q_proj", k_proj="self_attn.k_proj")
-# Gemma 2/3 normalise each sublayer's output before adding it (a "sandwich" of norms)
-_SANDWICH = ArchSpec(**{**_LLAMA.__dict__, "attn_out": "post_attention_layernorm",
-                        "mlp_out": "post_feedforward_layernorm", "ln2": "pre_feedforward_layernorm"})
-
-ARCH_SPECS: dict[str, ArchSpec] = {
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
-    "gemma": _LLAMA,
-    "gemma2": _SANDWICH, "gemma3_text": _SANDWICH,
-    # OLMo 2 normalises sublayer outputs only: there is no norm in front of attention or the MLP
-    "olmo2": ArchSpec(**{**_LLAMA.__dict__, "attn_out": "post_attention_layernorm",
-                         "mlp_out": "post_feedforward_layernorm", "ln1": None, "ln2": None}),
-    "phi3": ArchSpec(**{**_LLAMA.__dict__, "mlp_in": "mlp.gate_up_proj", "mlp_linear": "mlp.gate_up_proj",
-                        "fused_gate_up": True, "q_proj": "self_attn.qkv_proj", "k_proj": "self_attn.qkv_proj",
-                        "qkv_fused": "concat"}),
-    # GPT-2 has learned positions, no rotary: its q and k are the ones attention scores with
-    "gpt2": ArchSpec(layers="transformer.h", embed="transformer.wte", pos_embed="transformer.wpe",
-                     ln_final="transformer.ln_f", attn="attn", attn_out="attn", mlp="mlp", mlp_out="mlp",
-                     mlp_in="mlp.c_fc", mlp_down="mlp.c_proj", ln1="ln_1", ln2="ln_2", rotary=False),
-    "gpt_neox": ArchSpec(layers="gpt_neox.layers", embed="gpt_neox.embed_in", ln_final="gpt_neox.final_layer_norm",
-                         attn="attention", attn_out="attention", mlp="mlp", mlp_out="mlp",
-                         mlp_in="mlp.dense_h_to_4h", mlp_down="mlp.dense_4h_to_h",
-                         ln1="input_layernorm", ln2="post_attention_layernorm",
-                         parallel_attr="use_parallel_residual", q_proj="attention.query_key_value",
-                         k_proj="attention.query_key_value", qkv_fused="heads"),
-}
-SUPPORTED_ARCHS = tuple(sorted(ARCH_SPECS))
-
-# %% ../nbs/01_arch.ipynb #e736c0ba
-class UnsupportedArchitectureError(ValueError): pass
+_SPECS = weakref.WeakKeyDictionary()   # model -> its inferred spec (hand-written ones are looked up)
 
 def arch_spec(model:nn.Module)->ArchSpec:
-    "The `ArchSpec` of `model`, or a clear error listing the supported architectures"
+    "The `ArchSpec` of `model`: its hand-written table, else one inferred from its module tree (or a clear error)"
+    hit = _SPECS.get(model)   # an inferred (or explicitly given) spec first
+    if hit is not None: return hit
     mt = getattr(getattr(model, "config", None), "model_type", None)
-    if mt not in ARCH_SPECS:
+    if mt in ARCH_SPECS: return ARCH_SPECS[mt]
+    if mt is None: raise UnsupportedArchitectureError(f"{type(model).__name__} is not a Hugging Face model (no config.model_type). Supported: {', '.join(SUPPORTED_ARCHS)}, and models that follow their layout.")
+    from headscope.arch_infer import infer_spec, validate_spec   # inference runs a forward: it needs the hooks
+    try:
+        spec = _SPECS[model] = infer_spec(model)
+        validate_spec(model)       # hooks on the model look the spec up: it is kept while it is checked
+    except BaseException as e:
+        _SPECS.pop(model, None)
+        if not isinstance(e, UnsupportedArchitectureError): raise
         near = difflib.get_close_matches(str(mt), SUPPORTED_ARCHS, n=3)
         hint = f" Did you mean: {', '.join(near)}?" if near else ""
-        raise UnsupportedArchitectureError(
-            f"headscope has no hook map for model_type {mt!r} ({type(model).__name__}).{hint} "
-            f"Supported: {', '.join(SUPPORTED_ARCHS)}.")
-    return ARCH_SPECS[mt]
+        raise UnsupportedArchitectureError(f"headscope has no hook map for model_type {mt!r} ({type(model).__name__}) "
+            f"and could not infer one: {e}.{hint} Supported: {', '.join(SUPPORTED_ARCHS)} (hand-written maps), and models that follow their layout.") from None
+    return spec
 
 # %% ../nbs/01_arch.ipynb #e6e82cb4
 @dataclass(frozen=True)
@@ -101,6 +57,9 @@ class ModelDims:
     d_vocab: int
     parallel: bool = False   # attention and MLP read the same residual (no `hook_resid_mid`)
     gated: bool = False      # gated MLP (has `mlp.hook_pre_linear`)
+    n_experts: int|None = None   # mixture of experts: experts per MoE layer (the `expert` of `mlp.hook_router`)
+    top_k: int|None = None       # experts each token is routed to
+    moe_layers: tuple = ()       # the layers whose MLP is a sparse MoE block
 
 def _cfg(c, *names, default=None):
     for n in names:
@@ -113,15 +72,28 @@ def config_dims(config)->dict:
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
     d_model, n_heads = _cfg(c, "hidden_size", "n_embd"), _cfg(c, "num_attention_heads", "n_head")
     return dict(n_layers=_cfg(c, "num_hidden_layers", "n_layer"), n_heads=n_heads,
-                n_kv_heads=_cfg(c, "num_key_value_heads", default=n_heads),
-                d_model=d_model, d_head=_cfg(c, "head_dim", default=d_model//n_heads),
+                n_kv_heads=_cfg(c, "num_key_value_heads", default=1 if getattr(c, "multi_query", False) else n_heads),   # GPT-BigCode: MQA
+                d_model=d_model, d_head=c.v_head_dim if getattr(c, "kv_lora_rank", None) else _cfg(c, "head_dim", default=d_model//n_heads),   # MLA: z's width
                 d_mlp=_cfg(c, "intermediate_size", "n_inner", default=4*d_model), d_vocab=c.vocab_size)
+
+def _moe_layers(model, spec)->tuple:
+    if spec.router is None: return ()
+    bl = model.get_submodule(spec.layers)
+    return tuple(l for l, b in enumerate(bl) if _has(b, spec.router))
+
+def _has(root, path):
+    try: root.get_submodule(path); return True
+    except AttributeError: return False
 
 def model_dims(model:nn.Module)->ModelDims:
     "Sizes of `model` from its config, in TransformerLens' words"
     spec, c = arch_spec(model), model.config
-    return ModelDims(**config_dims(c), parallel=bool(spec.parallel_attr and getattr(c, spec.parallel_attr, False)),
-                     gated=spec.mlp_linear is not None)
+    t = c.get_text_config() if hasattr(c, "get_text_config") else c
+    moe = _moe_layers(model, spec)
+    return ModelDims(**config_dims(c), parallel=spec.parallel or bool(spec.parallel_attr and getattr(c, spec.parallel_attr, False)),
+                     gated=spec.mlp_linear is not None, moe_layers=moe,
+                     n_experts=_cfg(t, "num_experts", "num_local_experts", "n_routed_experts") if moe else None,
+                     top_k=_cfg(t, "num_experts_per_tok", "moe_topk", "top_k") if moe else None)
 
 # %% ../nbs/01_arch.ipynb #b6e3988f
 @dataclass(frozen=True)
@@ -152,6 +124,7 @@ _BLOCK_KINDS = {  # kind -> (suffix, dims), in forward order
     "mlp_in": ("hook_mlp_in", ("batch", "pos", "d_model")),
     "ln2_scale": ("ln2.hook_scale", ("batch", "pos", "1")),
     "ln2": ("ln2.hook_normalized", ("batch", "pos", "d_model")),
+    "router": ("mlp.hook_router", ("batch", "pos", "expert")),
     "mlp_pre": ("mlp.hook_pre", ("batch", "pos", "d_mlp")),
     "mlp_pre_linear": ("mlp.hook_pre_linear", ("batch", "pos", "d_mlp")),
     "mlp_post": ("mlp.hook_post", ("batch", "pos", "d_mlp")),
@@ -169,12 +142,17 @@ _GLOBAL = {"hook_embed": ("embed", ("batch", "pos", "d_model")),
            "hook_logits": ("logits", ("batch", "pos", "d_vocab"))}
 
 # %% ../nbs/01_arch.ipynb #0ff6d59e
-def _block_kinds(spec:ArchSpec, dims:ModelDims):
+_DENSE_MLP = ("mlp_pre", "mlp_pre_linear", "mlp_post")
+
+def _block_kinds(spec:ArchSpec, dims:ModelDims, moe:bool=False):
     for kind in _BLOCK_KINDS:
+        if (kind == "router" and not moe) or (moe and kind in _DENSE_MLP): continue   # MoE layers: a router, no dense MLP
+        if kind in ("attn_in", "mlp_in") and spec.parallel and spec.ln2 is None and spec.ln1: continue   # one norm feeds both sublayers
         if kind == "resid_mid" and dims.parallel: continue
         if kind in ("ln1", "ln1_scale") and spec.ln1 is None: continue
         if kind in ("ln2", "ln2_scale") and spec.ln2 is None: continue
         if kind in ("rot_q", "rot_k") and not spec.rotary: continue
+        if kind == "k" and spec.rotary and spec.k_proj is None: continue   # MLA: no pre-rotary keys (they are rebuilt from a latent)
         if kind == "mlp_pre_linear" and not dims.gated: continue
         yield kind
 
@@ -188,7 +166,7 @@ def hook_points(model:nn.Module)->dict[str, HookPoint]:
     pts = {"hook_embed": HookPoint("hook_embed", *_GLOBAL["hook_embed"][:1], None, _GLOBAL["hook_embed"][1])}
     if spec.pos_embed: pts["hook_pos_embed"] = HookPoint("hook_pos_embed", "pos_embed", None, _GLOBAL["hook_pos_embed"][1])
     for l in range(dims.n_layers):
-        for kind in _block_kinds(spec, dims):
+        for kind in _block_kinds(spec, dims, l in dims.moe_layers):
             suffix, dd = _BLOCK_KINDS[kind]
             n = f"blocks.{l}.{suffix}"
             pts[n] = HookPoint(n, kind, l, dd, kind in _OPT_IN)
@@ -201,7 +179,8 @@ def model_hook_names(model:nn.Module)->list[str]:
     "Names of all hook points of `model` (opt-in ones included), in the order a forward pass reaches them"
     return list(hook_points(model))
 
-_SIZES = {"head": "n_heads", "kv_head": "n_kv_heads", "d_head": "d_head", "d_model": "d_model", "d_mlp": "d_mlp", "d_vocab": "d_vocab"}
+_SIZES = {"head": "n_heads", "kv_head": "n_kv_heads", "d_head": "d_head", "d_model": "d_model", "d_mlp": "d_mlp", "d_vocab": "d_vocab",
+          "expert": "n_experts"}
 
 def hook_shape(model:nn.Module, name:str, batch:int, pos:int)->tuple:
     "Shape of hook point `name` in a plain forward of `batch` prompts of `pos` tokens, from its dimension words"
@@ -273,7 +252,8 @@ def blocks(model:nn.Module)->nn.ModuleList:
 def embed_is_resid(model:nn.Module)->bool:
     "Whether `hook_embed` is exactly what enters block 0 (no position embedding, no scaling outside the embedding module)"
     spec, emb = arch_spec(model), get_module(model, arch_spec(model).embed)
-    scaled_outside = model.config.model_type.startswith("gemma") and "Scaled" not in type(emb).__name__  # older Gemma scales in the model's forward
+    scaled_outside = (model.config.model_type.startswith("gemma") and "Scaled" not in type(emb).__name__  # older Gemma scales in the model's forward
+                      or getattr(model.config, "embedding_multiplier", None) is not None)              # Granite multiplies there
     return spec.pos_embed is None and not scaled_outside
 
 # %% ../nbs/01_arch.ipynb #a65e3ced

@@ -11,6 +11,7 @@ from torch import nn, Tensor
 from .arch import resolve_names, hook_points, model_dims, embed_is_resid, act_name, HookNameError, hook_shape
 from .hooking import hooks, to_inputs, forward, run_until
 from .tokens import show_tokens
+from .dispatch import input_device, compute_devices   # models dispatched by accelerate: where inputs go, where layers run
 from .decompose import ResidDecomposition   # the TransformerLens methods that take the residual stream apart
 
 # %% auto #0
@@ -190,7 +191,7 @@ def available_memory(device=None)->int|None:
 def check_cache_memory(model:nn.Module, x:dict, names:list, dtype=None, device=None, headroom:float=0.9):
     "Raise `MemoryError` (before any forward) when the cache `names` of inputs `x` would not fit in `headroom` of the free memory"
     est = estimate_cache(model, tuple(x["input_ids"].shape) if "attention_mask" not in x else x, names, dtype)
-    dev = device or next(model.parameters()).device
+    dev = device or input_device(model)   # where the cache lands (not `meta`, where offloaded weights are)
     free = available_memory(dev)
     if free is None or est.nbytes <= headroom * free: return est
     top = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in sorted(est.by_kind.items(), key=lambda kv: -kv[1])[:3])
@@ -217,7 +218,7 @@ def _keeper(store:dict, name:str, device, dtype, memo:dict):
 def run_with_cache(model:nn.Module,
                    inputs,                       # prompt(s), token ids `[batch pos]`, or tokenizer output
                    names=None,                   # hook names, patterns, `(kind, layer)`, a predicate; None: every hook point
-                   device=None,                  # keep the cache on this device (default: where the model runs)
+                   device=None,                  # keep the cache on this device (default: where the model runs; split across devices: `input_device`)
                    dtype:torch.dtype|None=None,  # keep floating activations in this dtype (default: the model's)
                    fwd_hooks=(),                 # interventions applied in the same forward (the cache sees their result)
                    grad:bool=False,              # run with autograd (cached tensors are detached either way)
@@ -229,6 +230,7 @@ def run_with_cache(model:nn.Module,
     "Run `model` once on `inputs` and return an `ActivationCache` of the hook points in `names`"
     x = to_inputs(model, inputs, padding_side, prepend_bos)
     names = resolve_names(model, names)
+    if device is None and len(compute_devices(model)) > 1: device = input_device(model)   # layers on several devices: gather, so `stack` works
     if check_memory: check_cache_memory(model, x, names, dtype, device)
     store, memo = {}, {}
     fh = [(n, _keeper(store, n, device, dtype, memo)) for n in names]

@@ -10,6 +10,7 @@ from torch import nn, Tensor
 from .arch import (model_dims, embed_is_resid, HookNameError, arch_spec, blocks, get_module, head_out_weights,
                             norm_scale, _norm_eps, _is_layer_norm)
 from .tokens import single_token_id, single_token_ids
+from .dispatch import module_tensor
 
 # %% auto #0
 __all__ = ['head_results', 'ResidDecomposition']
@@ -30,7 +31,8 @@ def _normalise(norm:nn.Module, x:Tensor, part:Tensor|None=None, weight:bool=Fals
     if _is_layer_norm(norm): part = part - part.mean(-1, keepdim=True)
     if not weight: return part / s
     with torch.no_grad():   # the gain as the module applies it (Gemma's 1 + w too): the norm of a row of ones, times that row's scale
-        w = norm.weight if _is_layer_norm(norm) else norm(norm.weight.new_ones(norm.weight.shape[-1])) * math.sqrt(1 + _norm_eps(norm))
+        g = module_tensor(norm)   # the weight itself, or loaded through accelerate when the norm is offloaded
+        w = g if _is_layer_norm(norm) else norm(g.new_ones(g.shape[-1])) * math.sqrt(1 + _norm_eps(norm))
     return part / s * w.detach().to(part)
 
 def head_results(model:nn.Module, l:int,
@@ -44,7 +46,7 @@ def head_results(model:nn.Module, l:int,
     if post_norm and sp.attn_out != sp.attn:   # a norm after o_proj: linear only at its frozen scale
         pn, o = get_module(blocks(model)[l], sp.attn_out), heads.sum(-2) + bias
         heads, bias = _normalise(pn, o, heads.movedim(-2, 0), True).movedim(0, -2), _normalise(pn, o, bias, True)
-        if isinstance(getattr(pn, "bias", None), Tensor): bias = bias + pn.bias.detach().to(bias)
+        if isinstance(getattr(pn, "bias", None), Tensor): bias = bias + module_tensor(pn, "bias").detach().to(bias)
     return heads, bias
 
 # %% ../nbs/05a_decompose.ipynb #d0c182ac
@@ -138,6 +140,6 @@ class ResidDecomposition:
         if t.shape != bp[:t.ndim]: raise ValueError(f"tokens are {list(t.shape)}: give one token, one per prompt or one per position, i.e. a prefix of {list(bp)} (*batch pos).")
         if any(u.numel() and not 0 <= int(u.min()) <= int(u.max()) < V for u in (t, w) if u is not None): raise ValueError(f"Token ids must be in 0..{V-1}.")
         scaled = self.apply_ln_to_stack(residual_stack, None, pos_slice=pos_slice, has_batch_dim=has_batch_dim, weight=True)
-        U = self.model.get_output_embeddings().weight.detach()
+        U = module_tensor(self.model.get_output_embeddings()).detach()
         d = U[t.to(U.device)] - (U[w.to(U.device)] if w is not None else 0)   # [*tokens d_model]
         return (scaled * d.to(scaled).reshape(*t.shape, *(1,) * (len(bp) - t.ndim), -1)).sum(-1)

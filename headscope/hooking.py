@@ -4,19 +4,19 @@
 
 # %% ../nbs/04_hooking.ipynb #02d6ba98
 from __future__ import annotations
-import inspect, sys, weakref
+import inspect, weakref
 from contextlib import contextmanager
 from collections import defaultdict
 from typing import Callable
 import torch
 from torch import nn, Tensor
-from .arch import (arch_spec, model_dims, hook_points, resolve_names, get_module, blocks,
-                            ATTN_INTERNAL_KINDS, HookPoint, HookNameError, _out_proj)
+from .arch import arch_spec, model_dims, hook_points, resolve_names, get_module, blocks, ATTN_INTERNAL_KINDS, HookPoint, HookNameError, _out_proj
 from .norms import norm_scale, _rescale
 from .tokens import to_inputs   # text -> inputs lives in `tokens`; importable from here too
 from .interventions import select, patch, ablate, scale, add   # the hook-function verbs; importable from here too
 from .attention import (attention_pattern, eager_attention, HookFunctionError, _run_taps, _register_attention,
                                  _BASES, _repeat_kv, _attend, _qk_proj_hooks, _result_hook, _check_softmax)
+from .routing import router_hook
 
 # %% auto #0
 __all__ = ['HookContext', 'Hooks', 'hooks', 'kv_cache_name', 'kv_cache_of', 'forward', 'run_with_hooks', 'StopForward',
@@ -93,7 +93,7 @@ _ATTN_USERS = weakref.WeakKeyDictionary()
 class Hooks:
     "Attaches hook functions to a model; `remove()` (or leaving `with hooks(...)`) takes every one of them off."
     def __init__(self, model:nn.Module):
-        self.model, self.spec, self.dims = model, arch_spec(model), model_dims(model)
+        self.model, self.spec, self.dims, self.resid_mult = model, arch_spec(model), model_dims(model), getattr(model.config.get_text_config(), "residual_multiplier", 1.0)
         self.points = hook_points(model)
         self.state = _ForwardState()
         self.handles, self.tapped, self.attn_switched = [], [], None
@@ -171,6 +171,7 @@ class Hooks:
                 def pre(mod, a, k, n=nm("mlp.hook_post")):
                     new = _run_taps(t[n], a[0]); return None if new is a[0] else ((new,) + a[1:], k)
                 self._hook(self._mod(sp.mlp_down, l), pre, pre=True)
+            if "router" in want: self._hook(self._mod(sp.router, l), router_hook(t[want["router"]], self.state))   # MoE: re-routes if replaced
             if "mlp_out" in want: self._hook(self._mod(sp.mlp_out, l), out_hook([nm("hook_mlp_out")]))
             if "resid_post" in want: self._hook(blk, out_hook([nm("hook_resid_post")]))
             inner = {k: t[n] for k, n in want.items() if k in ATTN_INTERNAL_KINDS and not (sp.rotary and k in ("q", "k"))}
@@ -215,9 +216,9 @@ class Hooks:
             x = _out(o)
             new = _run_taps(t.get(na), x)
             if nr in t:
-                mid = st.resid_pre + new
+                mid = st.resid_pre + new * self.resid_mult
                 mid2 = _run_taps(t[nr], mid)
-                if mid2 is not mid: new = mid2 - st.resid_pre
+                if mid2 is not mid: new = (mid2 - st.resid_pre) / self.resid_mult
             return None if new is x else _with_out(o, new)
         return f
 

@@ -36,7 +36,7 @@ def select(act:Tensor, hook:HookContext, pos=None, head=None)->Tensor|None:
                                  f"(positions 0..{int(L.max()) - 1}, or -1..-{int(L.max())} from the end).")
         sel = (real[:, :, None] == want[:, None, :]).any(-1) & (real >= 0)   # [batch pos]
         view = [1] * len(shape); view[0], view[ax] = shape[0], n
-        mask = sel.reshape(view)
+        mask = sel.reshape(view).to(act.device)   # positions live where the inputs are; a layer may run on another device
     if head is not None:
         ax = _head_axis(dims)
         if ax is None: raise ValueError(f"{hook.name} has no head axis (dims {dims}); `head` cannot apply.")

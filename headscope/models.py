@@ -11,8 +11,8 @@ from .arch import config_dims  # one reader of config sizes, also behind `model_
 import torch, transformers  # lazy: the modelling stack (seconds to import) loads on first use
 
 # %% auto #0
-__all__ = ['BOS', 'EOS', 'PAD', 'TINY_MAX_POS', 'TINY_ARCHS', 'EMBEDDED_GGUF', 'EMBEDDED_PIP', 'byte_tokenizer', 'tiny_model',
-           'ModelSummary', 'model_summary', 'headscope_cache_dir', 'embedded_gguf_path', 'load_model']
+__all__ = ['BOS', 'EOS', 'PAD', 'TINY_MAX_POS', 'TINY_ARCHS', 'MORE_ARCHS', 'EMBEDDED_GGUF', 'EMBEDDED_PIP', 'byte_tokenizer',
+           'tiny_model', 'ModelSummary', 'model_summary', 'headscope_cache_dir', 'embedded_gguf_path', 'load_model']
 
 # %% ../nbs/00_models.ipynb #cba80f6d
 BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
@@ -45,20 +45,41 @@ TINY_ARCHS = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "
 _CONFIGS = dict(gpt2="GPT2Config", llama="LlamaConfig", mistral="MistralConfig", qwen2="Qwen2Config", qwen3="Qwen3Config",
                 gemma="GemmaConfig", gemma2="Gemma2Config", gemma3="Gemma3TextConfig",  # gemma3: the text-only Gemma3ForCausalLM
                 gpt_neox="GPTNeoXConfig", phi3="Phi3Config", olmo2="Olmo2Config")
-_NO_GQA = ("gpt2", "gpt_neox")  # one key/value head per query head, by design
+_NO_GQA = ("gpt2", "gpt_neox", "gptj", "deepseek_v3", "deepseek_v2")  # one key/value head per query head, by design
+# More families, built from their own config classes (`AutoConfig.for_model`), proven exact by the same
+# battery as the core matrix (tests/test_exact.py) and listed in the README's parity table
+MORE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe",
+              "helium", "seed_oss", "ernie4_5", "smollm3", "arcee", "apertus", "starcoder2", "stablelm", "olmo3", "exaone4",
+              "glm", "glm4", "granite", "phi", "nemotron", "gpt_bigcode", "glm4_moe", "ernie4_5_moe",
+              "granitemoe", "ministral", "ministral3", "gemma3_multimodal", "gptj", "deepseek_v3", "deepseek_v2")
+_MOE = dict(num_experts_per_tok=2, num_experts=4, num_local_experts=4, moe_intermediate_size=32)   # 4 experts, top 2
+# DeepSeek's multi-head latent attention: q and k are [nope | rope] (8 + 8 = d_head; its config's head_dim is the rope part), v is d_head; layer 0 dense, then MoE
+_MLA = dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, head_dim=8, qk_nope_head_dim=8, v_head_dim=16, first_k_dense_replace=1, n_shared_experts=1)
+_GRANITE = dict(embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0, attention_multiplier=0.3)   # not 1: tests must see them
+_EXTRA = {"qwen2_moe": dict(shared_expert_intermediate_size=64), "granite": _GRANITE, "granitemoe": _GRANITE,
+          "gptj": dict(rotary_dim=8), "deepseek_v3": _MLA, "deepseek_v2": {**_MLA, "first_k_dense_replace": 0}}   # per family: what tiny sizes also need
 
 # %% ../nbs/00_models.ipynb #e029ce6a
 def _check_arch(arch):
-    if arch in TINY_ARCHS: return arch
-    near = difflib.get_close_matches(str(arch), TINY_ARCHS, n=1)
+    if arch in TINY_ARCHS or arch in MORE_ARCHS: return arch
+    near = difflib.get_close_matches(str(arch), TINY_ARCHS + MORE_ARCHS, n=1)
     hint = f" Did you mean {near[0]!r}?" if near else ""
-    raise ValueError(f"Unknown architecture {arch!r}.{hint} tiny_model builds: {', '.join(TINY_ARCHS)}")
+    raise ValueError(f"Unknown architecture {arch!r}.{hint} tiny_model builds: {', '.join(TINY_ARCHS + MORE_ARCHS)}")
 
 # %% ../nbs/00_models.ipynb #17da7db5
 def _tiny_config(arch, n_layers, d_model, n_heads, n_kv_heads, d_mlp, tok, **overrides):
     "The architecture's own config class, filled in from TransformerLens-style sizes"
+    if arch == "gemma3_multimodal":   # Gemma3ForConditionalGeneration: the tiny text model, a one-layer vision tower; no image tokens in the vocab
+        text = _tiny_config("gemma3", n_layers, d_model, n_heads, n_kv_heads, d_mlp, tok, **overrides)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+        return transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4,
+                                         image_token_index=1000, boi_token_index=1001, eoi_token_index=1002)
     if d_model % n_heads: raise ValueError(f"d_model={d_model} must be a multiple of n_heads={n_heads}")
-    if arch in _NO_GQA:
+    if arch == "gpt_bigcode":   # multi-query attention (one key/value head, its default) or one key/value head per query head
+        if n_kv_heads not in (None, 1, n_heads): raise ValueError(f"gpt_bigcode has multi-query attention: n_kv_heads must be 1 or n_heads={n_heads}")
+        n_kv_heads = 1 if n_kv_heads in (None, 1) else n_heads
+        overrides.setdefault("multi_query", n_kv_heads == 1)
+    elif arch in _NO_GQA:
         if n_kv_heads not in (None, n_heads): raise ValueError(f"{arch} has no grouped-query attention: n_kv_heads must be n_heads={n_heads}")
         n_kv_heads = n_heads
     elif n_kv_heads is None: n_kv_heads = max(n_heads // 2, 1)
@@ -68,11 +89,15 @@ def _tiny_config(arch, n_layers, d_model, n_heads, n_kv_heads, d_mlp, tok, **ove
     if arch == "gpt2": kw.update(n_layer=n_layers, n_embd=d_model, n_head=n_heads, n_inner=d_mlp, n_positions=TINY_MAX_POS)
     else: kw.update(num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=n_heads, head_dim=d_head,
                     intermediate_size=d_mlp, max_position_embeddings=TINY_MAX_POS)
-    if arch not in _NO_GQA: kw["num_key_value_heads"] = n_kv_heads
+    if (arch not in _NO_GQA and arch != "gpt_bigcode") or "deepseek" in arch: kw["num_key_value_heads"] = n_kv_heads
     if arch == "phi3": kw["original_max_position_embeddings"] = TINY_MAX_POS  # its default (4096) would exceed max positions
     if arch in ("gemma2", "gemma3"): kw.update(sliding_window=8, query_pre_attn_scalar=d_head)
     if arch == "gemma3" and "layer_types" not in overrides: kw["sliding_window_pattern"] = 2
-    cfg = getattr(transformers, _CONFIGS[arch])(**{**kw, **overrides})
+    if arch in MORE_ARCHS:
+        kw.update(_EXTRA.get(arch, {}))
+        if "moe" in arch or arch in ("mixtral", "deepseek_v3", "deepseek_v2"): kw.update(_MOE, n_routed_experts=4, moe_num_experts=4, n_group=1, topk_group=1)
+    cls = getattr(transformers, _CONFIGS[arch]) if arch in _CONFIGS else transformers.AutoConfig.for_model
+    cfg = cls(arch, **{**kw, **overrides}) if arch not in _CONFIGS else cls(**{**kw, **overrides})
     for k, v in vars(cfg).items():  # attention_dropout, resid_pdrop, classifier_dropout, ...
         if ("dropout" in k or k.endswith("pdrop")) and isinstance(v, float) and k not in overrides: setattr(cfg, k, 0.0)
     return cfg
@@ -111,7 +136,8 @@ def tiny_model(arch:str,                        # one of `TINY_ARCHS`
     attn = _attn_for(cfg, attn_implementation)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
+        moe = {"experts_implementation": "eager"} if dtype == torch.float64 and arch in MORE_ARCHS else {}   # grouped_mm has no float64
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, **moe)
     return _attach_tokenizer(model.to(dtype).eval(), tok)
 
 # %% ../nbs/00_models.ipynb #863e9c4e

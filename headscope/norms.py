@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import torch
 from torch import nn, Tensor
+from .dispatch import module_tensor
 
 # %% auto #0
 __all__ = ['norm_scale', 'fold_norm']
@@ -47,7 +48,7 @@ def fold_norm(norm:nn.Module,   # an RMSNorm or LayerNorm module
     eps = _norm_eps(norm)
     xf, pf = x.float(), part.float()
     if _is_layer_norm(norm):
-        w = norm.weight.float() if norm.weight is not None else 1.
+        w = module_tensor(norm).float() if norm.weight is not None else 1.
         return (pf - pf.mean(-1, keepdim=True)) * w / (xf.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
-    with torch.no_grad(): w = norm(torch.ones(x.shape[-1], dtype=norm.weight.dtype, device=x.device)).float() * math.sqrt(1 + eps)
+    with torch.no_grad(): w = norm(torch.ones(x.shape[-1], dtype=norm.weight.dtype, device=x.device)).float().to(pf.device) * math.sqrt(1 + eps)
     return pf * w / (xf.pow(2).mean(-1, keepdim=True) + eps).sqrt()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import torch
 from torch import nn, Tensor
+from .dispatch import input_device
 
 # %% auto #0
 __all__ = ['to_inputs', 'first_token_is_special', 'set_prepend_bos', 'token_strs', 'show_token', 'show_tokens', 'visible',
@@ -56,7 +57,7 @@ def to_inputs(model:nn.Module, inputs,
               prepend_bos:bool|None=None,     # text only: None = as the tokenizer does; True = start each prompt with BOS; False = never
              )->dict:
     "Prompt(s), token ids `[batch pos]`/`[pos]` or tokenizer output -> dict of `input_ids` (+ `attention_mask`) on the model's device"
-    dev = next(model.parameters()).device
+    dev = input_device(model)   # not meta when accelerate offloads the embedding
     prepend_bos = _model_bos(model, prepend_bos)
     if isinstance(inputs, (list, tuple)) and not inputs: raise ValueError("No prompts: give a prompt, a list of prompts or token ids.")
     if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and all(isinstance(s, str) for s in inputs)):
@@ -227,7 +228,7 @@ def to_tokens(model:nn.Module,
              )->Tensor:                     # [batch pos] token ids, on the model's device
     "Token ids of `text`, always `[batch pos]` (a prompt is a batch of 1), as `to_inputs` would make them"
     ids = _tokenize(_tokenizer(model), _texts(text, "to_tokens"), _model_bos(model, prepend_bos), padding_side)["input_ids"]
-    return ids.long().to(next(model.parameters()).device)
+    return ids.long().to(input_device(model))
 
 def to_str_tokens(model:nn.Module,
                   text_or_ids,                 # a prompt, token ids `[pos]`/`[1 pos]`/list of ids; or a batch of either

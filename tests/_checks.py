@@ -5,8 +5,8 @@ forward (`output_hidden_states`, eager `output_attentions`), the model's own sub
 cached inputs, or a float64 recomputation of attention."""
 import math, torch
 from torch import nn
-from headscope.arch import model_hook_names, blocks, get_module, arch_spec, model_dims, post_rotary_kind, hook_shape
-from headscope.hooking import run_with_hooks, ablate
+from headscope.arch import model_hook_names, blocks, get_module, arch_spec, model_dims, post_rotary_kind, hook_shape, _out_proj
+from headscope.hooking import run_with_hooks, ablate, hooks
 from headscope.cache import run_with_cache
 
 O_PROJ = {"gpt2": "c_proj", "gpt_neox": "dense"}   # output projection inside the attention module; others: o_proj
@@ -44,22 +44,29 @@ def check_block_algebra(model, c, atol):
     with torch.no_grad():
         for l, blk in enumerate(blocks(model)):
             attn = get_module(blk, sp.attn)
-            o = getattr(attn, O_PROJ.get(arch, "o_proj"))(c["z", l].flatten(-2))
+            o = _out_proj(attn)(c["z", l].flatten(-2))
             if sp.attn_out != sp.attn: o = get_module(blk, sp.attn_out)(o)   # sandwich norm after attention
             assert maxdiff(o, c["attn_out", l]) <= atol, ("z through the output projection is attn_out", l)
+            r = getattr(model.config.get_text_config(), "residual_multiplier", 1.0)   # Granite scales each sublayer's output as it adds it
             if d.parallel:
-                assert maxdiff(c["resid_pre", l] + c["attn_out", l] + c["mlp_out", l], c["resid_post", l]) <= atol
+                assert maxdiff(c["resid_pre", l] + r * (c["attn_out", l] + c["mlp_out", l]), c["resid_post", l]) <= atol
             else:
-                assert maxdiff(c["resid_pre", l] + c["attn_out", l], c["resid_mid", l]) <= atol
-                assert maxdiff(c["resid_mid", l] + c["mlp_out", l], c["resid_post", l]) <= atol
-            out = get_module(blk, sp.mlp_down)(c[f"blocks.{l}.mlp.hook_post"])
-            if sp.mlp_out != sp.mlp: out = get_module(blk, sp.mlp_out)(out)
-            assert maxdiff(out, c["mlp_out", l]) <= atol, ("mlp_post through the down projection is mlp_out", l)
-            mlp = get_module(blk, sp.mlp)
-            act = getattr(mlp, "act_fn", None) or getattr(mlp, "act", None) or getattr(mlp, "activation_fn")
-            pre = c[f"blocks.{l}.mlp.hook_pre"]
-            post = act(pre) * c[f"blocks.{l}.mlp.hook_pre_linear"] if d.gated else act(pre)
-            assert maxdiff(post, c[f"blocks.{l}.mlp.hook_post"]) <= atol, l
+                assert maxdiff(c["resid_pre", l] + r * c["attn_out", l], c["resid_mid", l]) <= atol
+                assert maxdiff(c["resid_mid", l] + r * c["mlp_out", l], c["resid_post", l]) <= atol
+            if l in d.moe_layers:   # a sparse MoE block: it maps ln2's output to mlp_out; the router's logits are a linear map of it
+                x = c[f"blocks.{l}.ln2.hook_normalized"] if sp.ln2 else c["resid_mid", l]
+                assert maxdiff(get_module(blk, sp.mlp)(x), c["mlp_out", l]) <= atol, ("MoE block of ln2 is mlp_out", l)
+                w = get_module(blk, sp.router).weight
+                assert maxdiff(x.double() @ w.double().T, c[f"blocks.{l}.mlp.hook_router"]) <= atol, ("router logits", l)
+            else:
+                out = get_module(blk, sp.mlp_down)(c[f"blocks.{l}.mlp.hook_post"])
+                if sp.mlp_out != sp.mlp: out = get_module(blk, sp.mlp_out)(out)
+                assert maxdiff(out, c["mlp_out", l]) <= atol, ("mlp_post through the down projection is mlp_out", l)
+                mlp = get_module(blk, sp.mlp)
+                act = getattr(mlp, "act_fn", None) or getattr(mlp, "act", None) or getattr(mlp, "activation_fn")
+                pre = c[f"blocks.{l}.mlp.hook_pre"]
+                post = act(pre) * c[f"blocks.{l}.mlp.hook_pre_linear"] if d.gated else act(pre)
+                assert maxdiff(post, c[f"blocks.{l}.mlp.hook_post"]) <= atol, l
             if sp.ln1 is not None:
                 assert maxdiff(get_module(blk, sp.ln1)(c["resid_pre", l]), c[f"blocks.{l}.ln1.hook_normalized"]) <= atol
             if sp.ln2 is not None:
@@ -69,8 +76,9 @@ def check_block_algebra(model, c, atol):
         assert maxdiff(get_module(model, sp.ln_final)(last), c["ln_final.hook_normalized"]) <= atol
         logits = model.get_output_embeddings()(c["ln_final.hook_normalized"])
         assert maxdiff(logits, c["hook_logits"]) <= atol
-        cap = getattr(model.config, "final_logit_softcapping", None)   # Gemma 2 caps logits after the unembedding
+        cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)   # Gemma 2 caps logits after the unembedding
         if cap: logits = torch.tanh(logits / cap) * cap
+        logits = logits / getattr(model.config.get_text_config(), "logits_scaling", 1.0)   # Granite divides them
         assert maxdiff(logits, c.logits) <= atol
 
 def check_attention_float64(model, c, atol=1e-5):
@@ -78,12 +86,16 @@ def check_attention_float64(model, c, atol=1e-5):
     d = model_dims(model)
     rep = d.n_heads // d.n_kv_heads
     qk, kk = post_rotary_kind(model, "q"), post_rotary_kind(model, "k")   # what attention scores with: after rotary
+    scalings = {}   # the scale each layer's attention function is called with
+    obs = {l: (lambda m, q, k, v, mask, kw, l=l: scalings.setdefault(l, kw.get("scaling"))) for l in range(d.n_layers)}
+    with hooks(model, observe=obs): model(**c.inputs)
+    scalings = {l: s for l, s in scalings.items() if s is not None}
     for l, blk in enumerate(blocks(model)):
         attn = get_module(blk, arch_spec(model).attn)
         q = c[qk, l].double().transpose(1, 2)
         k = c[kk, l].double().transpose(1, 2).repeat_interleave(rep, 1)
         v = c["v", l].double().transpose(1, 2).repeat_interleave(rep, 1)
-        s = q @ k.transpose(-1, -2) * getattr(attn, "scaling", d.d_head ** -0.5)   # transformers 4.56's GPT-2 has no `scaling`
+        s = q @ k.transpose(-1, -2) * scalings.get(l, getattr(attn, "scaling", d.d_head ** -0.5))   # OPT scales q itself and passes 1.0
         cap = getattr(attn, "attn_logit_softcapping", None)
         if cap: s = torch.tanh(s / cap) * cap
         sc = c["attn_scores", l]
@@ -114,7 +126,7 @@ def check_replacement_changes_downstream(model, c, layer=0):
         assert maxdiff(out, c.logits) > 1e-4, n
     # a LayerNorm ignores a doubling and q/k norms undo it, so these get a change of direction (a scale [.. 1] doubles)
     for kind in ["hook_attn_in", "ln1.hook_scale", "attn.hook_q", "attn.hook_k", "attn.hook_rot_q", "attn.hook_rot_k",
-                 "attn.hook_result", "hook_mlp_in", "ln2.hook_scale"]:
+                 "attn.hook_result", "hook_mlp_in", "ln2.hook_scale", "mlp.hook_router"]:   # router: other experts get chosen
         n = f"blocks.{layer}.{kind}"
         if n not in model_hook_names(model): continue
         out = run_with_hooks(model, ids, [(n, lambda a, h: a + a.roll(1, -1))])
@@ -151,7 +163,10 @@ def check_scales(model, c, atol):
         ref = (xc.pow(2).mean(-1, keepdim=True) + _eps(norm)).sqrt()
         assert (s.double() / ref - 1).abs().max() <= atol, pre                # relative: residual norms grow with depth
         with torch.no_grad():   # the gain: LayerNorm's weight; an RMSNorm's (w, or Gemma's 1 + w) read on ones, whose scale is sqrt(1 + eps)
-            gain = norm.weight.double() if ln else norm(torch.ones_like(x[0, 0]).to(norm.weight.dtype)).double() * math.sqrt(1 + _eps(norm))
+            if ln:   # v = [1 -1 1 -1 ...] has mean 0 and variance 1: norm(v) - norm(-v) = 2 v w / sqrt(1 + eps), whatever w is made of
+                v = torch.ones_like(x[0, 0]).to(norm.weight.dtype); v[1::2] = -1
+                gain = (norm(v).double() - norm(-v).double()) / (2 * v.double()) * math.sqrt(1 + _eps(norm))
+            else: gain = norm(torch.ones_like(x[0, 0]).to(norm.weight.dtype)).double() * math.sqrt(1 + _eps(norm))
         bias = getattr(norm, "bias", None)
         ref = xc / s.double() * gain + (bias.double() if bias is not None else 0)
         assert maxdiff(ref, out) <= 10 * atol * max(1., out.abs().max().item()), pre
@@ -173,7 +188,7 @@ def check_result(model, c, atol):
     sp, d, arch = arch_spec(model), model_dims(model), model.config.model_type
     with torch.no_grad():
         for l, blk in enumerate(blocks(model)):
-            proj = getattr(get_module(blk, sp.attn), O_PROJ.get(arch, "o_proj"))
+            proj = _out_proj(get_module(blk, sp.attn))
             z, r = c["z", l], c["result", l]
             b = proj.bias if getattr(proj, "bias", None) is not None else 0
             for h in range(d.n_heads):
@@ -193,16 +208,28 @@ def check_result_edits(model, ids, atol, layers=None):
             z = run_with_hooks(model, ids, [(f"blocks.{l}.attn.hook_z", ablate(head=h))])
             assert maxdiff(a, z) <= atol and maxdiff(z, plain) > 1e-4, (l, h)
 
+def shared_norm(model):
+    "Phi, GPT-J, Cohere: one norm feeds attention and the MLP, so the MLP has no input (`hook_mlp_in`) or norm (`ln2`) of its own"
+    sp = arch_spec(model)
+    return model_dims(model).parallel and sp.ln1 is not None and sp.ln2 is None
+
+def check_no_sublayer_inputs(model):
+    "with one norm in front of both sublayers, an edit of one sublayer's input would reach the other: hook_attn_in and hook_mlp_in do not exist"
+    names = model_hook_names(model)
+    assert not [n for n in names if n.endswith(("hook_attn_in", "hook_mlp_in"))] and "blocks.0.ln1.hook_normalized" in names
+
 def check_sublayer_inputs(model, c, atol):
     "hook_attn_in is resid_pre; hook_mlp_in is resid_mid (resid_pre in parallel blocks)"
     d = model_dims(model)
     for l in range(d.n_layers):
+        if shared_norm(model): return check_no_sublayer_inputs(model)
         assert torch.equal(c["attn_in", l], c["resid_pre", l]), l
         assert maxdiff(c["mlp_in", l], c["resid_pre" if d.parallel else "resid_mid", l]) <= atol, l
 
 def check_sublayer_input_edits(model, ids, atol, l=0):
     "editing attn_in (mlp_in) by v moves that sublayer's output as editing its residual input by v does, and leaves the residual alone"
     d = model_dims(model)
+    if shared_norm(model): return check_no_sublayer_inputs(model)
     v = torch.randn(d.d_model, generator=torch.Generator().manual_seed(3)).to(next(model.parameters()))
     add = lambda a, h: a + v
     nm = lambda k: f"blocks.{l}.{k}"
@@ -212,16 +239,17 @@ def check_sublayer_input_edits(model, ids, atol, l=0):
     assert torch.equal(a_in[nm("hook_resid_pre")], plain[nm("hook_resid_pre")])
     assert maxdiff(a_in[nm("hook_attn_out")], pre_v[nm("hook_attn_out")]) <= atol and maxdiff(a_in[nm("hook_attn_out")], plain[nm("hook_attn_out")]) > 1e-4
     r, ao, mo = (a_in[nm(k)] for k in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out"))
+    m = getattr(model.config.get_text_config(), "residual_multiplier", 1.0)   # Granite
     if d.parallel:
         assert maxdiff(mo, plain[nm("hook_mlp_out")]) <= atol                 # the MLP reads the unedited residual
-        assert maxdiff(a_in[nm("hook_resid_post")], r + ao + mo) <= atol
-    else: assert maxdiff(a_in[nm("hook_resid_mid")], r + ao) <= atol
+        assert maxdiff(a_in[nm("hook_resid_post")], r + m * (ao + mo)) <= atol
+    else: assert maxdiff(a_in[nm("hook_resid_mid")], r + m * ao) <= atol
     src = "hook_resid_pre" if d.parallel else "hook_resid_mid"
     m_in, src_v = cache([(nm("hook_mlp_in"), add)]), cache([(nm(src), add)])
     assert maxdiff(m_in[nm("hook_mlp_out")], src_v[nm("hook_mlp_out")]) <= atol and maxdiff(m_in[nm("hook_mlp_out")], plain[nm("hook_mlp_out")]) > 1e-4
     assert maxdiff(m_in[nm("hook_attn_out")], plain[nm("hook_attn_out")]) <= atol
-    base = m_in[nm("hook_resid_pre")] + m_in[nm("hook_attn_out")] if d.parallel else m_in[nm("hook_resid_mid")]
-    assert maxdiff(m_in[nm("hook_resid_post")], base + m_in[nm("hook_mlp_out")]) <= atol
+    base = m_in[nm("hook_resid_pre")] + m * m_in[nm("hook_attn_out")] if d.parallel else m_in[nm("hook_resid_mid")]
+    assert maxdiff(m_in[nm("hook_resid_post")], base + m * m_in[nm("hook_mlp_out")]) <= atol
 
 def _q_k_projected(model, l, x):
     "queries and keys `[batch pos head d_head]` of layer l's projections applied to its input x, split as each model stores them"
@@ -234,7 +262,11 @@ def _q_k_projected(model, l, x):
     if sp.qkv_fused == "concat":     # Phi-3: [q | k | v]
         qkv = get_module(blk, sp.q_proj)(x)
         return qkv[..., :H * D].unflatten(-1, (H, D)), qkv[..., H * D:(H + KV) * D].unflatten(-1, (KV, D))
-    return get_module(blk, sp.q_proj)(x).unflatten(-1, (H, D)), get_module(blk, sp.k_proj)(x).unflatten(-1, (KV, D))
+    q = get_module(blk, sp.q_proj)
+    if sp.k_proj is None:   # MLA: q_b_proj of the normed latent q_a_proj(x)
+        attn = get_module(blk, sp.attn)
+        return (q(attn.q_a_layernorm(attn.q_a_proj(x))) if hasattr(attn, "q_a_proj") else q(x)).unflatten(-1, (H, D)),
+    return q(x).unflatten(-1, (H, D)), get_module(blk, sp.k_proj)(x).unflatten(-1, (KV, D))
 
 def _qk_normed(model, l, t, which):
     "`t` `[batch pos head d_head]` through the attention's q (k) norm, where the model has one (Qwen 3, Gemma 3: per head; OLMo 2: whole width)"
@@ -249,20 +281,21 @@ def check_qk(model, c, atol):
     with torch.no_grad():
         for l in range(model_dims(model).n_layers):
             x = c[f"blocks.{l}.ln1.hook_normalized"] if sp.ln1 else c["resid_pre", l]
-            for which, ref in zip("qk", _q_k_projected(model, l, x)):
+            for which, ref in zip("qk" if sp.k_proj else "q", _q_k_projected(model, l, x)):   # MLA (DeepSeek) has no pre-rotary keys
                 pre, rot = c[which, l], c[f"rot_{which}", l]
                 assert maxdiff(pre, ref) <= atol, (l, which)
                 n = _qk_normed(model, l, pre, which)
-                assert maxdiff(rot[:, 0], n[:, 0]) <= atol, (l, which)                       # position 0 is not rotated
+                srt = lambda t: t.sort(-1).values if getattr(model.config, "rope_interleave", False) else t   # DeepSeek-V3 de-interleaves rope features
+                assert maxdiff(srt(rot[:, 0]), srt(n[:, 0])) <= atol, (l, which)             # position 0 is not rotated
                 assert maxdiff(rot.norm(dim=-1), n.norm(dim=-1)) <= 10 * atol, (l, which)    # a rotation keeps lengths
                 assert maxdiff(rot[:, 1:], n[:, 1:]) > 1e-3, (l, which)                        # later positions are rotated
 
 def check_qk_edits_flow_through_rotary(model, ids, other, atol, l=0):
     "giving run A the pre-rotary q (k) of run B gives it B's post-rotary q (k): an edit at hook_q goes through the norm and rotary"
     if not arch_spec(model).rotary: return
-    names = [f"blocks.{l}.attn.hook_{k}" for k in ("q", "k", "rot_q", "rot_k")]
+    names = [f"blocks.{l}.attn.hook_{k}" for k in ("q", "k", "rot_q", "rot_k") if f"blocks.{l}.attn.hook_{k}" in model_hook_names(model)]
     a, b = run_with_cache(model, ids, names=names), run_with_cache(model, other, names=names)
-    for which in "qk":
+    for which in "qk" if arch_spec(model).k_proj else "q":
         n = f"blocks.{l}.attn.hook_{which}"
         swapped = run_with_cache(model, ids, names=names, fwd_hooks=[(n, lambda act, h: b[n])])
         assert maxdiff(swapped[f"blocks.{l}.attn.hook_rot_{which}"], b[f"blocks.{l}.attn.hook_rot_{which}"]) <= atol, which
@@ -292,3 +325,20 @@ def assert_no_hooks(model, before=None):
     else:
         left = [n or "<model>" for n, v in now["modules"].items() if any(v)]
         assert not left, f"hooks or taps left on {left[:5]}"
+
+def check_router_edits(model, ids, atol):
+    "scaling a layer's router logits by 8 routes as scaling its router's weight does (an independent, bias-free reference); a raised logit re-routes"
+    d, sp = model_dims(model), arch_spec(model)
+    for l in d.moe_layers:
+        names = [f"blocks.{l}.hook_mlp_out"]
+        got = run_with_cache(model, ids, names=names, fwd_hooks=[(f"blocks.{l}.mlp.hook_router", lambda a, h: 8 * a)])
+        w = get_module(blocks(model)[l], sp.router).weight
+        with torch.no_grad(): w.mul_(8)   # a power of two: exact
+        try: ref = run_with_cache(model, ids, names=names)
+        finally:
+            with torch.no_grad(): w.div_(8)
+        plain = run_with_cache(model, ids, names=names)
+        assert maxdiff(got[names[0]], ref[names[0]]) <= atol and maxdiff(got.logits, ref.logits) <= atol, l
+        # and a replacement re-routes: raising expert 0's logit far above the rest sends every token there
+        to0 = run_with_cache(model, ids, names=names, fwd_hooks=[(f"blocks.{l}.mlp.hook_router", lambda a, h: a + 30 * (torch.arange(a.shape[-1]) == 0))])
+        assert maxdiff(to0[names[0]], plain[names[0]]) > 1e-6, l

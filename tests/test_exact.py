@@ -1,6 +1,6 @@
 """Every hook point of every tiny architecture equals an independent recomputation (see `_checks.py`)."""
 import pytest, torch
-from headscope.models import tiny_model, TINY_ARCHS
+from headscope.models import tiny_model, TINY_ARCHS, MORE_ARCHS
 from headscope.arch import model_dims, model_hook_names
 from headscope.cache import run_with_cache
 from _checks import *
@@ -9,13 +9,18 @@ ATOL = 1e-5
 
 def ids_for(m, b=2, s=12, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, m.config.vocab_size, (b, s), generator=g)
+    return torch.randint(3, m.config.get_text_config().vocab_size, (b, s), generator=g)
 
-@pytest.fixture(scope="module", params=TINY_ARCHS)
-def model(request): return tiny_model(request.param, n_layers=2)
+ARCHS = TINY_ARCHS + MORE_ARCHS   # the core matrix and every further family headscope claims (the README's parity table)
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch(request): return request.param
 
 @pytest.fixture(scope="module")
-def eager_model(model): return tiny_model(model.config.model_type.replace("_text", ""), n_layers=2, attn_implementation="eager")
+def model(arch): return tiny_model(arch, n_layers=2)
+
+@pytest.fixture(scope="module")
+def eager_model(arch): return tiny_model(arch, n_layers=2, attn_implementation="eager")
 
 @pytest.fixture(scope="module")
 def cache(model): return run_with_cache(model, ids_for(model), names=model_hook_names(model))   # every point, opt-in ones too
@@ -38,16 +43,17 @@ def test_scale_edit_divides(model): check_scale_edits(model, ids_for(model), ATO
 def test_attn_in_mlp_in_are_the_sublayer_inputs(model, cache): check_sublayer_inputs(model, cache, ATOL)
 def test_attn_in_mlp_in_edits_reach_one_sublayer(model): check_sublayer_input_edits(model, ids_for(model), ATOL)
 def test_q_k_before_rotary_rot_q_k_after(model, cache): check_qk(model, cache, ATOL)
+def test_router_edits_reroute(model): check_router_edits(model, ids_for(model), ATOL)
 def test_q_k_edits_flow_through_rotary(model): check_qk_edits_flow_through_rotary(model, ids_for(model), ids_for(model, seed=2), ATOL)
 
 def test_opt_in_points_only_when_named(model):
     "hook_result, hook_attn_in, hook_mlp_in exist, but `names=None` (everything) leaves them out, as TransformerLens' flags do"
     c = run_with_cache(model, ids_for(model))
     opt = [n for n in model_hook_names(model) if n.endswith(("attn.hook_result", "hook_attn_in", "hook_mlp_in"))]
-    assert len(opt) == 3 * model_dims(model).n_layers and not set(opt) & set(c)
+    assert len(opt) == (1 if shared_norm(model) else 3) * model_dims(model).n_layers and not set(opt) & set(c)
     assert set(c) | set(opt) == set(model_hook_names(model))
 
-@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_result_float64(arch):
     "in float64 the writes of the heads add up to the output projection to rounding"
     m = tiny_model(arch, n_layers=2, dtype=torch.float64)

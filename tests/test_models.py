@@ -3,7 +3,7 @@ import importlib.util, os, random, warnings
 from pathlib import Path
 import pytest, torch
 
-from headscope.models import (TINY_ARCHS, byte_tokenizer, tiny_model, model_summary, headscope_cache_dir,
+from headscope.models import (TINY_ARCHS, MORE_ARCHS, byte_tokenizer, tiny_model, model_summary, headscope_cache_dir,
                               embedded_gguf_path, load_model, EMBEDDED_PIP)
 
 def _gemma2_has_sdpa()->bool:
@@ -49,6 +49,20 @@ def test_tiny_arch(arch, batch):
     # generation continues every row by the same number of tokens
     out = m.generate(**batch, max_new_tokens=3, do_sample=False)
     assert out.shape == (2, 24) and torch.equal(out[:, :21], batch.input_ids)
+
+@pytest.mark.parametrize("arch", MORE_ARCHS)
+def test_more_arch(arch, batch):
+    "the further families: their own classes at tiny sizes, deterministic, sdpa and eager agreeing on a padded batch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # families without SDPA say so, and use eager
+        m, again, eager = tiny_model(arch), tiny_model(arch), tiny_model(arch, attn_implementation="eager")
+    s = model_summary(m)
+    assert (s.n_layers, s.d_model, s.d_vocab) == (2, 64, 259) and not m.training and same_weights(m, again) and same_weights(m, eager)
+    assert type(m).__name__.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+    with torch.no_grad(): a, b = m(**batch).logits, eager(**batch).logits
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(a[real], b[real], rtol=0, atol=1e-5)
+    assert torch.isfinite(a[real]).all()
 
 def test_gemma_windows_and_softcaps():
     g2, g3 = build("gemma2"), build("gemma3")
@@ -99,7 +113,7 @@ def test_tokenizer_specials_and_padding():
 def test_unknown_arch():
     with pytest.raises(ValueError) as e: tiny_model("lama")
     msg = str(e.value)
-    assert "Did you mean 'llama'" in msg and all(a in msg for a in TINY_ARCHS)
+    assert "Did you mean 'llama'" in msg and all(a in msg for a in TINY_ARCHS + MORE_ARCHS)
     with pytest.raises(ValueError, match="gpt2, llama"): tiny_model("bert")
     with pytest.raises(ValueError, match="no grouped-query attention"): tiny_model("gpt_neox", n_kv_heads=2)
 

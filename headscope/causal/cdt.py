@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from ..arch import arch_spec, model_dims, blocks, get_module, head_out_weights, check_layers
 from ..decompose import _normalise
 from ..hooking import hooks, forward, _in, _with_in
+from ..dispatch import module_tensor
 from ..tokens import to_inputs, token_strs, single_token_ids
 from ..results import ScoreGrid
 from .paths import _node, _is_node
@@ -146,8 +147,8 @@ class CDTDecomposition(ScoreGrid):
 def _unembed(model, final:Tensor, rel:Tensor, irrel:Tensor)->tuple[Tensor, Tensor]:
     "Logits `[... d_vocab]` of `rel` (no bias) and `irrel` (the final norm's and the unembedding's biases) through the final norm frozen at `final`"
     lnf, U = get_module(model, arch_spec(model).ln_final), model.get_output_embeddings()
-    r, i, W = _normalise(lnf, final, rel, True), _normalise(lnf, final, irrel, True), U.weight.detach()
-    bias = lambda m: m.bias.to(r) if isinstance(getattr(m, "bias", None), Tensor) else 0
+    r, i, W = _normalise(lnf, final, rel, True), _normalise(lnf, final, irrel, True), module_tensor(U).detach()
+    bias = lambda m: module_tensor(m, "bias").to(r) if isinstance(getattr(m, "bias", None), Tensor) else 0
     return r @ W.to(r).T, (i + bias(lnf)) @ W.to(r).T + bias(U)
 
 @torch.no_grad()

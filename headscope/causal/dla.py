@@ -13,6 +13,7 @@ from ..tokens import to_inputs, pos_index, single_token_ids
 from ..cache import run_with_cache
 from ..results import ScoreGrid, Top
 from .lens import apply_final_norm
+from ..dispatch import module_tensor   # the unembedding may be offloaded (accelerate): read it through its hook
 
 # %% auto #0
 __all__ = ['DirectLogitAttribution', 'direct_logit_attribution']
@@ -66,15 +67,16 @@ def _direction(model, tok, answer, wrong, n:int)->tuple[Tensor, Tensor, str]:
     a = a.expand(n) if len(a) == 1 else a
     if len(a) != n: raise ValueError(f"Got {len(a)} answers for {n} prompts; give one answer or one per prompt.")
     U = model.get_output_embeddings()
-    bU = getattr(U, "bias", None)
-    d, b = U.weight[a].double(), (bU[a].double() if bU is not None else torch.zeros(n, dtype=torch.float64))
+    W, bU = module_tensor(U), module_tensor(U, "bias")
+    bU = bU if isinstance(bU, Tensor) else None
+    d, b = W[a].double(), (bU[a].double() if bU is not None else torch.zeros(n, dtype=torch.float64))
     name = lambda i: repr(tok.decode(i)) if tok is not None else str(int(i))
     lab = name(a[:1])
     if wrong is not None:
         w = single_token_ids(tok, wrong, "distractor")
         w = w.expand(n) if len(w) == 1 else w
         if len(w) != n: raise ValueError(f"Got {len(w)} distractors for {n} prompts; give one or one per prompt.")
-        d = d - U.weight[w].double()
+        d = d - W[w].double()
         if bU is not None: b = b - bU[w].double()
         lab += " − " + name(w[:1])
         if len(set(zip(a.tolist(), w.tolist()))) > 1: lab = f"answer − distractor per prompt, e.g. {lab}"
@@ -102,7 +104,7 @@ def direct_logit_attribution(model:nn.Module,
     final = at(f"blocks.{L-1}.hook_resid_post")
     norm = get_module(model, spec.ln_final)
     dot = lambda part: (fold_norm(norm, final, part).double() * (d[:, None] if part.ndim == 3 else d)).sum(-1)
-    nb = getattr(norm, "bias", None)
+    nb = module_tensor(norm, "bias")
     norm_bias = d @ nb.double() if nb is not None else torch.zeros(n, dtype=torch.float64)
     heads, abias, mlps = [], [], []
     for l in range(L):   # each head's write [batch head d_model] and the bias, through a post-attention norm where there is one (frozen at its real input)

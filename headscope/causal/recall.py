@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from ..arch import model_dims
 from ..tokens import to_inputs, pos_index, single_token_id, token_strs
 from ..cache import run_with_cache
+from ..dispatch import module_tensor
 from ..decompose import head_results
 from ..results import ScoreGrid, Top
 from .lens import resid_names, apply_final_norm, unembed
@@ -162,7 +163,7 @@ def recall_mechanics(model:nn.Module,
             span[r, real[_subject_span(tok, t, s, x["input_ids"][r][m[r]].tolist())]] = True
         batches.append((b, x, span))
     names = resid_names(model) + [f"blocks.{l}.attn.hook_pattern" for l in range(L)] + [f"blocks.{L-1}.attn.hook_z", f"blocks.{L-1}.hook_mlp_out"]
-    U = model.get_output_embeddings().weight.detach()
+    U = module_tensor(model.get_output_embeddings()).detach()   # offloaded (accelerate): loaded through its hook
     Ubar = U.mean(0, dtype=torch.float64)                                  # the mean logit's direction
     out = {k: [] for k in ("ranks", "logits", "probs", "pred", "raw", "cen", "attn")}
     for b, x, span in tqdm(batches, desc="facts", disable=not progress, leave=False):

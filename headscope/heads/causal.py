@@ -6,6 +6,7 @@
 from __future__ import annotations
 import torch
 from torch import nn, Tensor
+from ..dispatch import input_device   # where token ids go, also under accelerate's offload (not `meta`)
 from tqdm.auto import tqdm
 import contextlib
 from pathlib import Path
@@ -27,7 +28,7 @@ def _head_means(model, ids:Tensor, batch_size:int=8)->Tensor:
     for r0 in range(0, len(ids), batch_size):
         x = ids[r0:r0 + batch_size]
         with torch.no_grad(), hooks(model, [(f"blocks.{l}.attn.hook_z", rec(l)) for l in range(L)]):
-            forward(model, {"input_ids": x.to(model.device)}, **_keep_last(model))   # the logits are not needed
+            forward(model, {"input_ids": x.to(input_device(model))}, **_keep_last(model))   # the logits are not needed
         n += x.numel()
     return torch.stack([s / n for s in sums]).float()
 
@@ -87,7 +88,7 @@ def bf16_is_fast(device)->bool:
 def _autocast(model, dtype):
     "Autocast to `dtype` on the model's device, or nothing when `dtype` is None or already the model's"
     if dtype is None or dtype == next(model.parameters()).dtype: return contextlib.nullcontext()
-    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
+    return torch.autocast(input_device(model).type, dtype=dtype)
 
 # %% ../../nbs/13_heads.causal.ipynb #182e6c3c
 def ablation_scores(model:nn.Module,
@@ -107,7 +108,7 @@ def ablation_scores(model:nn.Module,
     if bad: raise ValueError(f"Unknown ablation mode(s) {sorted(bad)}: use 'zero' and/or 'mean'.")
     if dtype not in (None, torch.float32, torch.float64, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be None (the model's), torch.float32, torch.float64, torch.bfloat16 or torch.float16, not {dtype!r}.")
-    B, x = len(ids), {"input_ids": ids.to(model.device)}
+    B, x = len(ids), {"input_ids": ids.to(input_device(model))}
     with _autocast(model, dtype): lg, outs = _record_blocks(model, x)
     if final: lg = lg[:, -1:].float(); tgt = lg.argmax(-1, keepdim=True)          # [batch 1 1]: the prediction itself
     else: lg, tgt = lg[:, :-1].float(), x["input_ids"][:, 1:, None]                # next tokens

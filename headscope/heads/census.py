@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
+from ..dispatch import input_device   # where token ids go, also under accelerate's offload (not `meta`)
 from ..arch import model_dims
 from ..results import ScoreGrid, Top
 from .patterns import PATTERN_SCORES, pattern_scores
@@ -173,7 +174,7 @@ def head_census(model:nn.Module,
     desc = dict(SCORE_DESCRIPTIONS)
     if modes:
         p = next(model.parameters())
-        dt = (torch.bfloat16 if p.dtype == torch.float32 and bf16_is_fast(p.device) else None) if ablation_dtype == "auto" else ablation_dtype
+        dt = (torch.bfloat16 if p.dtype == torch.float32 and bf16_is_fast(input_device(model)) else None) if ablation_dtype == "auto" else ablation_dtype
         scores.update(ablation_scores(model, ablation_text, modes=modes, dtype=dt, final=ablation_final, progress=progress))
         if ablation_final:
             for mode in modes:

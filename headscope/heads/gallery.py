@@ -8,6 +8,7 @@ import warnings
 from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
+from ..dispatch import input_device   # where token ids go, also under accelerate's offload (not `meta`)
 from tqdm.auto import tqdm
 from ..arch import model_dims
 from ..hooking import hooks, forward, _keep_last
@@ -145,7 +146,7 @@ def pattern_gallery(model:nn.Module,
         acc["profile_nobos"][l] = acc["profile_nobos"][l] + distance_profile(A, bins, nobos=True).sum(0).cpu()
     for r0 in tqdm(range(0, B, batch_size), desc="gallery", disable=not progress, leave=False):
         with torch.no_grad(), hooks(model, [("blocks.*.attn.hook_pattern", keep)]):
-            forward(model, {"input_ids": ids[r0:r0 + batch_size].to(model.device)}, **_keep_last(model))
+            forward(model, {"input_ids": ids[r0:r0 + batch_size].to(input_device(model))}, **_keep_last(model))
     out = {k: torch.stack(v) / B for k, v in acc.items()}   # [layer head ...]
     L, H = out["thumbs"].shape[:2]
     coords, shares, _ = pca(out["thumbs"].reshape(L * H, -1), 2)

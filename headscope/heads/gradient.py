@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 from torch import nn, Tensor
+from ..dispatch import input_device   # where token ids go, also under accelerate's offload (not `meta`)
 from tqdm.auto import tqdm
 from ..arch import model_dims
 from ..hooking import hooks, forward
@@ -119,7 +120,7 @@ def gradient_importance(model:nn.Module,
     ids = _check_ids(model, text)
     for name, v, lo in (("n_samples", n_samples, 0), ("batch_size", batch_size, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo: raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}.")
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     gen = torch.Generator(dev).manual_seed(seed)
     modes = [(m, m.training) for m in model.modules()]
     rows, fisher, loss = [], 0., 0.

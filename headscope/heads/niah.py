@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from itertools import islice
 import torch
 from torch import nn, Tensor
+from ..dispatch import input_device   # where token ids go, also under accelerate's offload (not `meta`)
 from tqdm.auto import tqdm
 from ..arch import model_dims, check_layers, check_head
 from ..hooking import hooks, _keep_last
@@ -127,7 +128,7 @@ def _teacher_forced(model, tasks, fwd_hooks=(), batch_size:int=8, watch=()):
     for (P, n), g in groups.items():
         for b in (g[j:j + batch_size] for j in range(0, len(g), batch_size)):
             ans = torch.stack([tasks[i].answer_ids for i in b])                                      # [batch n]
-            x = torch.cat([torch.stack([tasks[i].ids for i in b]), ans[:, :-1]], 1).to(model.device)   # the last answer token is never an input
+            x = torch.cat([torch.stack([tasks[i].ids for i in b]), ans[:, :-1]], 1).to(input_device(model))   # the last answer token is never an input
             cur = {}
             def obs(l):
                 def f(module, q, k, v, mask, kw):   # the n rows that choose the answer tokens
@@ -273,7 +274,7 @@ def _losses(model, ids, fwd_hooks, batch_size)->Tensor:
     out = []
     with torch.no_grad(), hooks(model, fwd_hooks):
         for x in ids.split(batch_size):
-            x = x.to(model.device)
+            x = x.to(input_device(model))
             lo = model(input_ids=x, use_cache=False).logits[:, :-1].float()
             out.append(nn.functional.cross_entropy(lo.transpose(1, 2), x[:, 1:], reduction="none").mean(-1).cpu())
     return torch.cat(out)

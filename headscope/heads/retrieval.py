@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 from torch import nn, Tensor
+from ..dispatch import input_device   # where token ids go, also under accelerate's offload (not `meta`)
 from tqdm.auto import tqdm
 from ..arch import model_dims
 from ..hooking import hooks, kv_cache_name, kv_cache_of, _keep_last
@@ -29,7 +30,7 @@ def greedy_decode(model, ids:Tensor, steps:int, on_step=None, fwd_hooks=()):
             last = None if mask is None else mask[:, :, -1:]
             cur[l] = attention_stats(q[:, :, -1:], k, last, kw.get("scaling"), kw.get("softcap"))
         return f
-    out, past, x = [], None, (ids[None] if one else ids).to(model.device)
+    out, past, x = [], None, (ids[None] if one else ids).to(input_device(model))
     with torch.no_grad(), hooks(model, fwd_hooks, observe={l: obs(l) for l in range(L)} if on_step else None):
         for s in range(steps):
             cur.clear()
@@ -66,8 +67,8 @@ def retrieval_scores(model:nn.Module,
     batches = [g[j:j + batch_size] for g in groups.values() for j in range(0, len(g), batch_size)]
     bar = tqdm(total=len(tasks), desc="needles", disable=not progress, leave=False)
     for b in batches:
-        pos = torch.stack([tasks[i].needle_pos for i in b]).to(model.device)   # [batch needle]
-        nid = torch.stack([tasks[i].needle_ids for i in b]).to(model.device)
+        pos = torch.stack([tasks[i].needle_pos for i in b]).to(input_device(model))   # [batch needle]
+        nid = torch.stack([tasks[i].needle_ids for i in b]).to(input_device(model))
         hit = torch.zeros(len(b), dims.n_layers, dims.n_heads, nid.shape[1], dtype=torch.bool)
         def on_step(l, st, tok):   # st: [batch head 1]; a hit: the arg-max key is a needle position holding the token chosen
             j = st.argmax[:, :, 0]                                              # [batch head]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 import torch
 from torch import nn, Tensor
+from ..dispatch import input_device   # where token ids go, also under accelerate's offload (not `meta`)
 from tqdm.auto import tqdm
 from ..arch import model_dims
 from ..tokens import to_inputs, token_strs
@@ -182,7 +183,7 @@ def extreme_tokens(model:nn.Module,
         fns = [_layer_fns(l, st, ratio, max_massive, q_chunk, group) for l in range(L)]
         fwd = [(f"blocks.{l}.hook_mlp_out", fns[l][1]) for l in range(L)] + [(f"blocks.{l}.hook_resid_post", fns[l][2]) for l in range(L)]
         with torch.no_grad(), hooks(model, fwd, observe={l: fns[l][0] for l in range(L)}):
-            forward(model, {"input_ids": x.to(model.device)}, **_keep_last(model))
+            forward(model, {"input_ids": x.to(input_device(model))}, **_keep_last(model))
         st["massive"] = [a._replace(row=a.row + r0) for a in st["massive"]]
         parts.append((len(x), st))
         bar.update(len(x))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 import torch
 from torch import nn, Tensor
+from ..dispatch import input_device   # where token ids go, also under accelerate's offload (not `meta`)
 from tqdm.auto import tqdm
 from ..arch import model_dims
 from ..hooking import hooks, forward, _keep_last
@@ -97,6 +98,6 @@ def collect_stats(model:nn.Module,
                 reduce(l, attention_stats(q, k, mask, kw.get("scaling"), kw.get("softcap"), tg, q_chunk, k_chunk), rows)
             return f
         with torch.no_grad(), hooks(model, observe={l: obs(l) for l in range(n_layers)}):
-            forward(model, {"input_ids": ids[rows].to(model.device)}, **_keep_last(model))
+            forward(model, {"input_ids": ids[rows].to(input_device(model))}, **_keep_last(model))
         bar.update(rows.stop - rows.start)
     bar.close()

@@ -9,7 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 import torch
 from torch import nn, Tensor
-from ..arch import arch_spec, model_dims, blocks, get_module, head_out_weights, check_layers
+from ..arch import arch_spec, model_dims, blocks, get_module, head_out_weights, check_layers, _out_proj
+from ..dispatch import module_tensor, MetaWeightError
 from ..tokens import to_inputs
 from ..hooking import hooks
 from ..results import ScoreGrid
@@ -29,12 +30,16 @@ def _component(model:nn.Module, name)->tuple:
     kind, *idx = _parse(component(model, name))
     return (kind, *idx) if kind == "head" else (kind, idx[0], None)
 
-def _w_out(model:nn.Module, c:tuple)->Tensor:
+def _w_out(model:nn.Module, c:tuple, write:bool=False)->Tensor:
     "The output matrix `[d_in d_model]` of component `c` (TransformerLens' side): a view of the real weight, so in-place writes edit the model"
-    kind, l, h = c
+    (kind, l, h), blk, sp = c, blocks(model)[c[1]], arch_spec(model)
+    mod = _out_proj(get_module(blk, sp.attn)) if kind == "head" else get_module(blk, sp.mlp_down)
+    if write and mod.weight.device.type == "meta": raise MetaWeightError(   # accelerate offloaded it: a write into a loaded copy would be lost
+        f"{f'L{l}H{h}' if kind == 'head' else f'MLP{l}'}'s weights are offloaded by accelerate (CPU or disk), so an edit written into them would not reach "
+        "the model. Attach `edit.hooks(model)` instead (the same change, on the activations), or apply the edit to a model loaded without offload.")
     if kind == "head": return head_out_weights(model, l)[0][h]                     # W_O^h [d_head d_model]
-    mod = get_module(blocks(model)[l], arch_spec(model).mlp_down)
-    return mod.weight if type(mod).__name__ == "Conv1D" else mod.weight.T                   # W_out [d_mlp d_model]
+    w = module_tensor(mod)                                                          # offloaded: loaded through accelerate's hook (reads only)
+    return w if type(mod).__name__ == "Conv1D" else w.T                             # W_out [d_mlp d_model]
 
 def _names(model, l:int)->list:
     "Layer `l`'s components: its heads `L{l}H{h}`, then `MLP{l}`"
@@ -159,7 +164,7 @@ class WeightEdit:
         if self._saved is not None: raise RuntimeError("This edit is already applied; `undo()` it first.")
         stack, saved = model.__dict__.setdefault("_headscope_edits", []), {}
         for c in self.components:
-            W = _w_out(model, _component(model, c)); saved[c] = W.detach().clone()
+            W = _w_out(model, _component(model, c), write=True); saved[c] = W.detach().clone()
             W.copy_((W.double() + self.delta(c).to(W.device)).to(W.dtype))
         self._saved = (model, saved); stack.append(self)
         return self
@@ -171,7 +176,7 @@ class WeightEdit:
         if model is not None and model is not m: raise ValueError("This edit is applied to another model.")
         stack = m.__dict__.get("_headscope_edits", [])
         if stack and stack[-1] is not self: raise RuntimeError(f"Undo the later edit {stack[-1]!r} first: edits are undone in reverse order.")
-        for c, W0 in saved.items(): _w_out(m, _component(m, c)).copy_(W0)
+        for c, W0 in saved.items(): _w_out(m, _component(m, c), write=True).copy_(W0)
         stack.pop(); self._saved = None
     @contextmanager
     def applied(self, model:nn.Module):
@@ -215,7 +220,7 @@ class WeightEdit:
         if meta.get("format") != "headscope.WeightEdit/1": raise ValueError(f"{path} is not a headscope WeightEdit file (format {meta.get('format')!r}).")
         cs = json.loads(meta["components"])
         e = cls(model, cs, [t[f"{c}.u"] for c in cs], [t[f"{c}.k"] for c in cs], [t[f"{c}.lam"][0] for c in cs], meta.get("label", ""))
-        if json.loads(meta["dims"]) != model_dims(model).__dict__: raise ValueError("The saved edit was made for a model of other sizes.")
+        if json.loads(meta["dims"]) != json.loads(json.dumps(model_dims(model).__dict__)): raise ValueError("The saved edit was made for a model of other sizes.")
         return e
     def __repr__(self):
         rows, lab = ", ".join(f"{c}: {float(l):+.3g}" for c, l in list(zip(self.components, self.lam))[:8]) + (", ..." if len(self) > 8 else ""), f" {self.label!r}" if self.label else ""
@@ -239,8 +244,7 @@ def steer_to_edit(model:nn.Module,
                   components=None,          # or name them, e.g. ['L12H3', 'MLP12']
                  )->WeightEdit:
     "Steer2Edit (P21): rank-1 edits `lam_c k_c v_hat^T` that amplify the top components' writes along the steering direction"
-    strength = _number(strength, "strength")
-    n = len(attribution.cell_labels)
+    strength, n = _number(strength, "strength"), len(attribution.cell_labels)
     if components is None:
         if isinstance(m, bool) or not isinstance(m, numbers.Integral) or not 1 <= m <= n:
             raise ValueError(f"m must be an int from 1 to {n} (the components scored), not {m!r}.")
@@ -303,8 +307,7 @@ def edit_sweep(model:nn.Module,
     if isinstance(strengths, (str, bytes)) or not hasattr(strengths, "__iter__"): raise TypeError(f"`strengths` must be a list of numbers, not {strengths!r}.")
     ss = [_number(s, f"strengths[{i}]") for i, s in enumerate(strengths)]
     if not ss: raise ValueError("`strengths` is empty: give the strengths to try, e.g. [0, 4, 8, 16].")
-    e1 = steer_to_edit(model, attribution, m, 1., by, components)             # m, components checked before any forward
-    fn = _attribute_fn(model, attribute)
+    e1, fn = steer_to_edit(model, attribution, m, 1., by, components), _attribute_fn(model, attribute)   # m, components checked before any forward
     layers = sorted({_comp_layer(vector, l) for l in attribution.layers})
     steer = steering_sweep(model, vector, ss, prompts, attribute, utility_text, layers=layers, progress=progress)
     xp, xu = to_inputs(model, prompts, padding_side="left"), to_inputs(model, utility_text, padding_side="left")
@@ -313,6 +316,5 @@ def edit_sweep(model:nn.Module,
     for s in ss:
         with (e1 * s).applied(model): attrs.append(_next_token(model, xp, fn, [])); nll, kl, _ = _utility(model, xu, [], base_lp)
         ppl.append(math.exp(nll)); kls.append(kl)
-    A = torch.stack(attrs)
-    ed = SteeringSweep(torch.tensor(ss), A.mean(-1), torch.tensor(ppl), torch.tensor(kls), float(base_attr.mean()), math.exp(base_nll), A, "edit")
+    ed = SteeringSweep(torch.tensor(ss), (A := torch.stack(attrs)).mean(-1), torch.tensor(ppl), torch.tensor(kls), float(base_attr.mean()), math.exp(base_nll), A, "edit")
     return EditSweep(torch.tensor(ss), ed, steer, e1.components, vector.label)

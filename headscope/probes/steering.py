@@ -203,7 +203,7 @@ class _PromptTracker:
         pos = hook.positions
         n = self.n.to(pos.device)[:, None]
         sel = (pos >= n) if generated else ((pos >= 0) & (pos < n))
-        return sel[..., None]
+        return sel[..., None].to(act.device)   # positions are where the inputs are; the layer may run elsewhere
 
 def _steer_fn(v:Tensor, coeff:float, pos, tracker:_PromptTracker|None):
     if pos in ("prompt", "generated"):

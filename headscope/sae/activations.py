@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn, Tensor
+from ..dispatch import input_device   # where token ids go, also under accelerate's offload (not `meta`)
 from tqdm.auto import tqdm
 from ..arch import hook_points, resolve_names
 from ..tokens import first_token_id
@@ -62,7 +63,7 @@ class ActivationStore:
         "Activations at the hook for a batch of windows, from a forward that stops at the hook"
         got = {}
         def keep(act, hook): got["a"] = act.detach()
-        dev = next(self.model.parameters()).device
+        dev = input_device(self.model)
         amp = torch.autocast(dev.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
         with torch.no_grad(), amp:   # the remaining layers and the unembedding never run
             run_until(self.model, {"input_ids": toks.to(dev)}, [(self.hook_name, keep)], stop_after=self.hook_name)

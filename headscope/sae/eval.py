@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from itertools import islice
 import torch
 from torch import nn, Tensor
+from ..dispatch import input_device   # where token ids go, also under accelerate's offload (not `meta`)
 from tqdm.auto import tqdm
 from ..hooking import hooks, forward, run_until
 from .core import SAE
@@ -144,7 +145,7 @@ def evaluate_sae(model:nn.Module, sae:SAE,
     "Reconstruction (L0, FVU, MSE, cosine), spliced CE / KL with and without the error term, dead and dense latents"
     toks = eval_windows(model, data, seq_len, n_windows)
     hin, hout = sae_hook_names(sae)
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     s = int(skip_bos)
     if toks.shape[1] < s + 2: raise ValueError(f"Windows of {toks.shape[1]} tokens are too short: need at least {s + 2}.")
     batches = [toks[i:i + batch_size].to(dev) for i in range(0, len(toks), batch_size)]

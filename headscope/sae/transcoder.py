@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, asdict
 import torch
 from torch import nn, Tensor
+from ..dispatch import input_device   # where token ids go, also under accelerate's offload (not `meta`)
 from tqdm.auto import tqdm
 from ..arch import hook_points, check_layers
 from ..hooking import run_until
@@ -109,7 +110,7 @@ def paired_activations(model:nn.Module,
     "MLP inputs and outputs of `layer` at every token, from forwards that stop after that MLP"
     hin, hout = transcoder_hooks(model, layer)
     toks = eval_windows(model, data, seq_len, n_windows)
-    dev = next(model.parameters()).device
+    dev = input_device(model)
     X, Y = [], []
     for i in tqdm(range(0, len(toks), batch_size), desc='paired_activations', disable=not progress):
         got = {}

@@ -14,6 +14,7 @@ from ..results import ScoreGrid, Top
 from ..tokens import token_strs, visible
 from .core import model_weights
 from .factored import FactoredMatrix
+from ..dispatch import execution_device, input_device
 
 # %% auto #0
 __all__ = ['KINDS', 'NotBilinearError', 'check_bilinear', 'ov_circuit', 'rotary_matrix', 'qk_circuit', 'full_ov_circuit',
@@ -63,7 +64,7 @@ def rotary_matrix(model:nn.Module, layer:int,
         raise ValueError(f"offset is q_pos - k_pos, an int >= 0 (causal attention never looks ahead), not {offset!r}.")
     l, rope = check_layers(model, layer)[0], getattr(getattr(model, "base_model", model), "rotary_emb", None)
     if rope is None: return None
-    attn, d, dev = get_module(blocks(model)[l], arch_spec(model).attn), model_dims(model).d_head, next(model.parameters()).device
+    attn, d, dev = get_module(blocks(model)[l], arch_spec(model).attn), model_dims(model).d_head, execution_device(rope) or input_device(model)   # never `meta` under offload
     apply = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
     if apply is None: raise NotImplementedError(f"{type(attn).__module__} has no apply_rotary_pos_emb to build the rotation with.")
     kw = {"layer_type": model.config.layer_types[l]} if "layer_type" in inspect.signature(rope.forward).parameters else {}

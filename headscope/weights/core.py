@@ -10,19 +10,20 @@ from torch import nn, Tensor
 from ..arch import arch_spec, model_dims, blocks, get_module, head_out_weights, ModelDims
 from .factored import FactoredMatrix
 from ..norms import norm_scale, _is_layer_norm
+from ..dispatch import module_tensor   # offloaded weights (accelerate) are read through its hooks
 
 # %% auto #0
 __all__ = ['WEIGHT_NAMES', 'norm_affine', 'unscaled_norm', 'ModelWeights', 'model_weights']
 
 # %% ../../nbs/07a_weights.core.ipynb #9d848ce2
 def _rows(mod:nn.Module)->Tensor:
-    "A projection's weight as `[d_out d_in]`, detached (GPT-2's `Conv1D` stores `[d_in d_out]`)"
-    w = mod.weight.detach()
+    "A projection's weight as `[d_out d_in]`, detached (GPT-2's `Conv1D` stores `[d_in d_out]`); loaded from CPU or disk where accelerate offloaded it"
+    w = module_tensor(mod, "weight").detach()
     return w.T if type(mod).__name__ == "Conv1D" else w
 
 def _bias(mod:nn.Module)->Tensor|None:
-    b = getattr(mod, "bias", None)
-    return None if b is None else b.detach()
+    b = module_tensor(mod, "bias")
+    return b.detach() if isinstance(b, Tensor) else None
 
 def _heads(w:Tensor, b:Tensor|None, n:int, d_head:int)->tuple:
     "`[n*d_head d_in]` rows and bias -> `[n d_in d_head]` and `[n d_head]`"
@@ -65,7 +66,7 @@ def _mlp(blk:nn.Module, sp)->dict:
 # %% ../../nbs/07a_weights.core.ipynb #6e54f43c
 def norm_affine(norm:nn.Module)->tuple[Tensor, Tensor|None]:
     "Scale `[d_model]` and bias (or None) that `norm` applies after normalising: `norm(x) = unscaled_norm(norm, x) * scale + bias`"
-    w = getattr(norm, "weight", None)
+    w = module_tensor(norm, "weight")
     if w is None: raise ValueError(f"{type(norm).__name__} has no weight: nothing to fold.")
     w = w.detach()
     return (1 + w if "Gemma" in type(norm).__name__ else w), _bias(norm)   # Gemma's RMSNorm multiplies by (1 + weight)
@@ -82,8 +83,8 @@ def _fold(W:Tensor, b:Tensor, norm:nn.Module|None)->tuple[Tensor, Tensor]:
     "A reader `W [... d_model x]`, `b [... x]` with `norm`'s scale and bias folded in (unchanged for `norm=None`)"
     if norm is None: return W, b
     s, beta = norm_affine(norm)
-    Wf = s.to(W.dtype)[:, None] * W
-    if beta is not None: b = b + beta.to(W.dtype) @ W
+    Wf = s.to(W)[:, None] * W   # `.to(W)`: the norm may sit on another device than its reader
+    if beta is not None: b = b + beta.to(W) @ W
     if _is_layer_norm(norm): Wf = Wf - Wf.mean(-2, keepdim=True)   # zero-mean input: centring is free
     return Wf, b
 
@@ -97,6 +98,7 @@ WEIGHT_NAMES = tuple(_WORDS)
 
 def _stack(ts:list[Tensor])->Tensor:
     "`torch.stack`, quick for transposed views (`nn.Linear` weights read as `[d_in d_out]`): stacks their `mT` and transposes back"
+    ts = [t.to(ts[0].device) for t in ts]   # layers dispatched to several devices: stacked on the first one's
     if ts[0].ndim >= 2 and ts[0].stride(-1) != 1 and ts[0].mT.stride(-1) == 1: return torch.stack([t.mT for t in ts]).mT
     return torch.stack(ts)
 
@@ -158,13 +160,13 @@ def _embed_scale(self)->Tensor|None:
     return None if s is None else s.to(emb.weight.dtype)
 
 def _W_E(self)->Tensor:
-    w = get_module(self.model, self.spec.embed).weight.detach()
+    w = module_tensor(get_module(self.model, self.spec.embed)).detach()
     s = self.embed_scale
     return w if s is None else w * s
 
 def _unembed(self, bias:bool)->Tensor:
     U = self.model.get_output_embeddings()
-    W, b = U.weight.detach().T, _bias(U)
+    W, b = module_tensor(U).detach().T, _bias(U)
     b = b if b is not None else W.new_zeros(W.shape[-1])
     W, b = _fold(W, b, get_module(self.model, self.spec.ln_final) if self.fold_norms else None)
     return b if bias else W
@@ -181,7 +183,7 @@ def _P(fn, doc=None, name=None):
     return property(lambda s: s._memo(name, lambda: fn(s)), doc=doc)
 ModelWeights.embed_scale = _P(_embed_scale, name="embed_scale")
 ModelWeights.W_E, ModelWeights.W_U, ModelWeights.b_U = _P(_W_E, name="W_E"), _P(lambda s: _unembed(s, False), name="W_U"), _P(lambda s: _unembed(s, True), name="b_U")
-ModelWeights.W_pos = _P(lambda s: get_module(s.model, s.spec.pos_embed).weight.detach() if s.spec.pos_embed else None, name="W_pos")
+ModelWeights.W_pos = _P(lambda s: module_tensor(get_module(s.model, s.spec.pos_embed)).detach() if s.spec.pos_embed else None, name="W_pos")
 for _i, _n in enumerate("QKV"):
     setattr(ModelWeights, f"W_{_n}", _P(lambda s, i=_i: s._qkv(i, False, s.expand_kv), name=f"W_{_n}"))
     setattr(ModelWeights, f"b_{_n}", _P(lambda s, i=_i: s._qkv(i, True, s.expand_kv), name=f"b_{_n}"))
