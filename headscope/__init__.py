@@ -6,12 +6,15 @@ import: submodules load on first use, and nothing here imports triton or widgets
 import importlib
 
 _LAZY = {
-    "models": ["load_model", "tiny_model", "model_summary", "TINY_ARCHS", "byte_tokenizer", "embedded_gguf_path", "headscope_cache_dir"],
-    "arch": ["model_hook_names", "resolve_names", "model_dims", "arch_spec", "act_name", "SUPPORTED_ARCHS",
+    "models": ["load_model", "tiny_model", "model_summary", "TINY_ARCHS", "MORE_ARCHS", "byte_tokenizer", "embedded_gguf_path", "headscope_cache_dir"],
+    "tiny_encoders": ["tiny_encoder", "tiny_encoder_config", "encoder_tokenizer", "ENCODER_ARCHS", "VISION_ARCHS"],
+    "arch": ["model_hook_names", "resolve_names", "model_dims", "arch_spec", "act_name", "SUPPORTED_ARCHS", "ArchSpec", "ARCH_SPECS",
+             "UnsupportedArchitectureError",
              "check_layers", "check_head", "head_out_weights", "fold_norm", "hook_shape", "post_rotary_kind"],
     "norms": ["norm_scale"],
+    "arch_infer": ["infer_spec", "validate_spec"],
     "dispatch": ["input_device", "execution_device", "compute_devices", "module_tensor", "MetaWeightError", "layer_devices", "DevicePlacement"],
-    "tokens": ["to_inputs", "to_tokens", "to_str_tokens", "to_string", "to_single_token", "get_token_position", "token_strs", "show_tokens", "single_token_id", "single_token_ids", "pos_index", "set_prepend_bos"],
+    "tokens": ["to_inputs", "to_tokens", "to_str_tokens", "to_string", "to_single_token", "get_token_position", "token_strs", "show_tokens", "single_token_id", "single_token_ids", "pos_index", "set_prepend_bos", "input_shape"],
     "hooking": ["hooks", "run_with_hooks", "run_until", "StopForward", "HookContext"],
     "interventions": ["patch", "ablate", "scale", "add", "generate"],
     "decompose": ["ResidDecomposition", "head_results"],
@@ -105,6 +108,15 @@ _LAZY = {
     "causal.experts": ["expert_routing", "ExpertRouting", "expert_outputs", "ExpertOutputs", "moe_layers", "expert_mlp", "shared_out"],
     "causal.expert_edits": ["ablate_expert", "force_expert"],
     "views.experts": ["routing_html", "expert_outputs_html"],
+    "causal.mlm": ["mlm_lens", "MLMLens", "mlm_dla", "MaskedDLA", "mlm_head", "MLMHead"],
+    "data.fillmask": ["fill_mask_pairs", "FillMaskPairs", "fill_mask_batch", "fill_mask_words", "word_tokenizer", "CAPITALS", "FILL_MASK_TEMPLATES"],
+    "views.mlm": ["mlm_lens_html", "masked_dla_html"],
+    "attention_ports": ["ported", "PORTS", "port", "unport", "port_refusal"],
+    "heads.bidirectional": ["bidirectional_scores", "BidirectionalScores", "bidirectional_stats", "BIDIRECTIONAL_SCORES"],
+    "heads.vision": ["PatchGrid", "as_grid", "patch_grid", "layer_patterns", "vision_head_scores", "VisionHeadScores", "VISION_SCORES", "VISION_CLASSES"],
+    "views.vision": ["image_attention_html", "image_attention_figure", "vision_scores_html", "image_png_b64"],
+    "data.images": ["domino_task", "domino_images", "ImageTask", "partner_tokens", "train_tiny_vit", "TrainedViT", "tiny_vit", "sincos_2d",
+                    "patchify", "mask_patches"],
 }
 # reachable as `headscope.NAME` but not advertised: test references, kept for code written before the re-cut
 _UNLISTED = {"naive_patching": "causal.reference"}

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn, Tensor
 from .norms import norm_scale, fold_norm, _norm_eps, _is_layer_norm   # the norms' algebra: importable from here too
+from .dispatch import module_tensor   # a weight, loaded through accelerate when its module is offloaded
 _all_ = ["norm_scale", "fold_norm"]
 
 # %% auto #0
@@ -29,7 +30,12 @@ def arch_spec(model:nn.Module)->ArchSpec:
     hit = _SPECS.get(model)   # an inferred (or explicitly given) spec first
     if hit is not None: return hit
     mt = getattr(getattr(model, "config", None), "model_type", None)
-    if mt in ARCH_SPECS: return ARCH_SPECS[mt]
+    if mt in ARCH_SPECS:
+        from headscope.attention_ports import port_refusal   # lazy: attention_ports imports attention, which imports arch
+        why = port_refusal(model)
+        if why: raise UnsupportedArchitectureError(f"headscope cannot hook this {mt} model: {why}.")
+        s = ARCH_SPECS[mt]
+        return s(model.config) if callable(s) else s   # Falcon: a function of its config
     if mt is None: raise UnsupportedArchitectureError(f"{type(model).__name__} is not a Hugging Face model (no config.model_type). Supported: {', '.join(SUPPORTED_ARCHS)}, and models that follow their layout.")
     from headscope.arch_infer import infer_spec, validate_spec   # inference runs a forward: it needs the hooks
     try:
@@ -54,7 +60,7 @@ class ModelDims:
     d_model: int
     d_head: int
     d_mlp: int
-    d_vocab: int
+    d_vocab: int             # the vocabulary; for an image classifier (ViT) its number of labels, the width of `hook_logits`
     parallel: bool = False   # attention and MLP read the same residual (no `hook_resid_mid`)
     gated: bool = False      # gated MLP (has `mlp.hook_pre_linear`)
     n_experts: int|None = None   # mixture of experts: experts per MoE layer (the `expert` of `mlp.hook_router`)
@@ -70,11 +76,13 @@ def _cfg(c, *names, default=None):
 def config_dims(config)->dict:
     "Layers, heads, KV heads and widths from any decoder config, whatever it calls them"
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
-    d_model, n_heads = _cfg(c, "hidden_size", "n_embd"), _cfg(c, "num_attention_heads", "n_head")
-    return dict(n_layers=_cfg(c, "num_hidden_layers", "n_layer"), n_heads=n_heads,
-                n_kv_heads=_cfg(c, "num_key_value_heads", default=1 if getattr(c, "multi_query", False) else n_heads),   # GPT-BigCode: MQA
+    d_model, n_heads = _cfg(c, "hidden_size", "n_embd", "dim"), _cfg(c, "num_attention_heads", "n_head", "n_heads")   # DistilBERT: dim, n_heads
+    return dict(n_layers=_cfg(c, "num_hidden_layers", "n_layer", "n_layers"), n_heads=n_heads,
+                n_kv_heads=c.num_kv_heads if getattr(c, "new_decoder_architecture", False) else   # Falcon-40B: groups (its configs say multi_query too)
+                    _cfg(c, "num_key_value_heads", default=1 if getattr(c, "multi_query", False) else n_heads),   # GPT-BigCode: MQA
                 d_model=d_model, d_head=c.v_head_dim if getattr(c, "kv_lora_rank", None) else _cfg(c, "head_dim", default=d_model//n_heads),   # MLA: z's width
-                d_mlp=_cfg(c, "intermediate_size", "n_inner", default=4*d_model), d_vocab=c.vocab_size)
+                d_mlp=_cfg(c, "intermediate_size", "n_inner", "hidden_dim", "ffn_dim", "ffn_hidden_size", default=int(getattr(c, "mlp_ratio", 4) * d_model)),   # DINOv2: mlp_ratio
+                d_vocab=_cfg(c, "vocab_size", default=getattr(c, "num_labels", None)))   # a classifier (ViT): its labels
 
 def _moe_layers(model, spec)->tuple:
     if spec.router is None: return ()
@@ -137,6 +145,9 @@ ATTN_INTERNAL_KINDS = ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern"
 _SUFFIX_KIND = {s: k for k, (s, _) in _BLOCK_KINDS.items()}
 _GLOBAL = {"hook_embed": ("embed", ("batch", "pos", "d_model")),
            "hook_pos_embed": ("pos_embed", ("batch", "pos", "d_model")),
+           "hook_token_type_embed": ("token_type_embed", ("batch", "pos", "d_model")),   # BERT's segment embeddings
+           "embed.ln.hook_scale": ("embed_ln_scale", ("batch", "pos", "1")),          # encoders: the embeddings' LayerNorm
+           "embed.ln.hook_normalized": ("embed_ln", ("batch", "pos", "d_model")),
            "ln_final.hook_scale": ("ln_final_scale", ("batch", "pos", "1")),
            "ln_final.hook_normalized": ("ln_final", ("batch", "pos", "d_model")),
            "hook_logits": ("logits", ("batch", "pos", "d_vocab"))}
@@ -144,8 +155,11 @@ _GLOBAL = {"hook_embed": ("embed", ("batch", "pos", "d_model")),
 # %% ../nbs/01_arch.ipynb #0ff6d59e
 _DENSE_MLP = ("mlp_pre", "mlp_pre_linear", "mlp_post")
 
+_POST_LN = ("resid_pre", "attn_in", "q", "k", "v", "attn_scores", "pattern", "z", "result", "attn_out", "resid_mid", "ln1_scale", "ln1",
+            "mlp_in", "mlp_pre", "mlp_post", "mlp_out", "resid_post", "ln2_scale", "ln2")   # BERT's forward order: each norm after its sum
+
 def _block_kinds(spec:ArchSpec, dims:ModelDims, moe:bool=False):
-    for kind in _BLOCK_KINDS:
+    for kind in _POST_LN if spec.post_ln else _BLOCK_KINDS:
         if (kind == "router" and not moe) or (moe and kind in _DENSE_MLP): continue   # MoE layers: a router, no dense MLP
         if kind in ("attn_in", "mlp_in") and spec.parallel and spec.ln2 is None and spec.ln1: continue   # one norm feeds both sublayers
         if kind == "resid_mid" and dims.parallel: continue
@@ -163,15 +177,18 @@ def hook_points(model:nn.Module)->dict[str, HookPoint]:
     spec, dims = arch_spec(model), model_dims(model)
     hit = _POINTS.get(model)
     if hit is not None and hit[0] == dims: return hit[1]
-    pts = {"hook_embed": HookPoint("hook_embed", *_GLOBAL["hook_embed"][:1], None, _GLOBAL["hook_embed"][1])}
-    if spec.pos_embed: pts["hook_pos_embed"] = HookPoint("hook_pos_embed", "pos_embed", None, _GLOBAL["hook_pos_embed"][1])
+    glob = lambda n: HookPoint(n, _GLOBAL[n][0], None, _GLOBAL[n][1])
+    pts = {n: glob(n) for n, there in (("hook_embed", True), ("hook_pos_embed", spec.pos_embed), ("hook_token_type_embed", spec.token_type_embed),
+                                       ("embed.ln.hook_scale", spec.embed_ln), ("embed.ln.hook_normalized", spec.embed_ln)) if there}
     for l in range(dims.n_layers):
+        no_ln1 = spec.ln1 and isinstance(model.get_submodule(spec.layers)[l].get_submodule(spec.ln1), nn.Identity)   # ModernBERT's layer 0
         for kind in _block_kinds(spec, dims, l in dims.moe_layers):
+            if no_ln1 and kind in ("ln1", "ln1_scale"): continue
             suffix, dd = _BLOCK_KINDS[kind]
             n = f"blocks.{l}.{suffix}"
             pts[n] = HookPoint(n, kind, l, dd, kind in _OPT_IN)
-    for n in ("ln_final.hook_scale", "ln_final.hook_normalized", "hook_logits"):
-        pts[n] = HookPoint(n, _GLOBAL[n][0], None, _GLOBAL[n][1])
+    for n in ("ln_final.hook_scale", "ln_final.hook_normalized", "hook_logits"): pts[n] = glob(n)
+    if spec.unembed: pts["hook_logits"] = HookPoint("hook_logits", "logits", None, ("batch", "d_vocab"))   # a classifier: one row per image
     _POINTS[model] = (dims, pts)
     return pts
 
@@ -254,7 +271,8 @@ def embed_is_resid(model:nn.Module)->bool:
     spec, emb = arch_spec(model), get_module(model, arch_spec(model).embed)
     scaled_outside = (model.config.model_type.startswith("gemma") and "Scaled" not in type(emb).__name__  # older Gemma scales in the model's forward
                       or getattr(model.config, "embedding_multiplier", None) is not None)              # Granite multiplies there
-    return spec.pos_embed is None and not scaled_outside
+    return (spec.pos_embed is None and spec.embed_ln is None and not scaled_outside
+            and not hasattr(model.base_model, "word_embeddings_layernorm"))   # Bloom normalises the embedding before block 0
 
 # %% ../nbs/01_arch.ipynb #a65e3ced
 def check_layers(model:nn.Module, layers=None, what:str="layers")->list[int]:
@@ -279,7 +297,7 @@ def check_head(model:nn.Module, head:int, kv:bool=False, what:str="head")->int:
     return head % n
 
 # %% ../nbs/01_arch.ipynb #ef528f9f
-_OUT_PROJ = ("o_proj", "c_proj", "dense", "out_proj")
+_OUT_PROJ = ("o_proj", "c_proj", "dense", "out_proj", "out_lin", "Wo")
 
 def _out_proj(attn:nn.Module)->nn.Module:
     "The output projection of an attention module"
@@ -289,10 +307,15 @@ def _out_proj(attn:nn.Module)->nn.Module:
 
 def _split_heads(proj:nn.Module, d:ModelDims)->Tensor:
     "`W_O` `[head d_head d_model]` of output projection `proj`: a view of its weight, no copy"
-    w = proj.weight   # GPT-2's Conv1D stores [in out], nn.Linear [out in]
+    w = module_tensor(proj, "weight")   # GPT-2's Conv1D stores [in out], nn.Linear [out in]
     return w.reshape(d.n_heads, d.d_head, d.d_model) if type(proj).__name__ == "Conv1D" else w.T.reshape(d.n_heads, d.d_head, d.d_model)
+
+def _layer_out_proj(model:nn.Module, l:int)->nn.Module:
+    "Layer `l`'s attention output projection: `spec.out_proj` where it lies outside the attention module (BERT), else found in it"
+    sp, blk = arch_spec(model), blocks(model)[l]
+    return get_module(blk, sp.out_proj) if sp.out_proj else _out_proj(get_module(blk, sp.attn))
 
 def head_out_weights(model:nn.Module, l:int)->tuple[Tensor, Tensor|None]:
     "`W_O` `[head d_head d_model]` and the output bias `[d_model]` (or None) of layer `l`'s attention"
-    proj = _out_proj(get_module(blocks(model)[l], arch_spec(model).attn))
-    return _split_heads(proj, model_dims(model)), getattr(proj, "bias", None)
+    proj = _layer_out_proj(model, l)
+    return _split_heads(proj, model_dims(model)), module_tensor(proj, "bias")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 # %% auto #0
-__all__ = ['ARCH_SPECS', 'SUPPORTED_ARCHS', 'UnsupportedArchitectureError', 'ArchSpec']
+__all__ = ['ARCH_SPECS', 'ENCODER_SPECS', 'SUPPORTED_ARCHS', 'UnsupportedArchitectureError', 'ArchSpec']
 
 # %% ../nbs/01a_arch_specs.ipynb #21a9d632
 class UnsupportedArchitectureError(ValueError):
@@ -34,10 +34,16 @@ class ArchSpec:
     rotary: bool = True            # rotary position embeddings: `hook_q`/`hook_k` are read before them, `hook_rot_q`/`hook_rot_k` after
     q_proj: str|None = None        # rotary models: the Linear whose output is `attn.hook_q` (before any q norm and rotary; block-relative)
     k_proj: str|None = None        # the same for `attn.hook_k`; equal to `q_proj` when fused; None in a rotary model: no `hook_k` (DeepSeek's MLA)
-    qkv_fused: str|None = None     # that fused Linear's layout: "concat" (`[q | k | v]`, Phi-3) or "heads" (`[q k v]` per head, GPT-NeoX)
+    qkv_fused: str|None = None     # that fused Linear's layout: "concat" (`[q | k | v]`, Phi-3), "heads" (`[q k v]` per head, GPT-NeoX) or "groups" (`[q_0 .. q_{rep-1} k v]` per KV head, Falcon's new architecture)
     router: str|None = None        # mixture of experts: the router (block-relative); a layer where it exists is an MoE layer
     parallel: bool = False         # attention and MLP always read the same residual (Phi, GPT-J, Cohere: one norm feeds both)
     inferred: bool = False         # written by spec inference, not by hand
+    post_ln: bool = False          # post-LN encoder block (BERT): `ln1` normalises resid_pre + attn_out, `ln2` the block's output
+    out_proj: str|None = None      # attention's output projection (block-relative) where it is not a child of `attn` (BERT)
+    embed_ln: str|None = None      # encoders: the LayerNorm over the summed embeddings, `embed.ln.hook_normalized`
+    token_type_embed: str|None = None   # BERT's segment embeddings, `hook_token_type_embed`
+    unembed: str|None = None       # the module whose output is `hook_logits` where it is not the output embedding (a ViT's classifier)
+    head: tuple = ()               # encoders: module paths mapping the last block's output to the logits, in order (the MLM head)
 
 # %% ../nbs/01a_arch_specs.ipynb #bcf005a8
 _LLAMA = ArchSpec(layers="model.layers", embed="model.embed_tokens", ln_final="model.norm",
@@ -71,4 +77,61 @@ ARCH_SPECS: dict[str, ArchSpec] = {
     "mixtral": _MOE, "qwen2_moe": _MOE, "qwen3_moe": _MOE, "olmoe": _MOE,
     "phimoe": replace(_MOE, router="mlp.router"),   # Phi-MoE calls its router `router`, and mixes with "sparsemixer"
 }
+
+def _bert(p:str, head:str, ln:str)->ArchSpec:
+    "BERT's layout under prefix `p` (`bert`, `roberta`): post-LN blocks; `head` is the MLM head, `ln` its LayerNorm"
+    return ArchSpec(layers=f"{p}.encoder.layer", embed=f"{p}.embeddings.word_embeddings", pos_embed=f"{p}.embeddings.position_embeddings",
+                    token_type_embed=f"{p}.embeddings.token_type_embeddings", embed_ln=f"{p}.embeddings.LayerNorm", ln_final=f"{head}.{ln}",
+                    attn="attention.self", out_proj="attention.output.dense", attn_out="attention.output.dense",
+                    mlp="intermediate", mlp_in="intermediate.dense", mlp_down="output.dense", mlp_out="output.dense",
+                    ln1="attention.output.LayerNorm", ln2="output.LayerNorm", rotary=False, post_ln=True, head=(head,))
+# vision transformers: Llama's layout with LayerNorms, a classifier on the [CLS] token for an unembedding
+_VIT = lambda p, layers="layers", ln1="layernorm_before", ln2="layernorm_after", attn_out="attention", mlp_out="mlp": ArchSpec(
+    layers=f"{p}.{layers}", embed=f"{p}.embeddings", ln_final=f"{p}.layernorm", unembed="classifier", attn="attention", attn_out=attn_out,
+    mlp="mlp", mlp_out=mlp_out, mlp_in="mlp.fc1", mlp_down="mlp.fc2", ln1=ln1, ln2=ln2, rotary=False)
+ENCODER_SPECS: dict[str, ArchSpec] = {
+    "bert": _bert("bert", "cls.predictions", "transform.LayerNorm"), "roberta": _bert("roberta", "lm_head", "layer_norm"),
+    "distilbert": ArchSpec(layers="distilbert.transformer.layer", embed="distilbert.embeddings.word_embeddings",
+                           pos_embed="distilbert.embeddings.position_embeddings", embed_ln="distilbert.embeddings.LayerNorm",
+                           ln_final="vocab_layer_norm", attn="attention", out_proj="attention.out_lin", attn_out="attention",
+                           mlp="ffn", mlp_in="ffn.lin1", mlp_down="ffn.lin2", mlp_out="ffn", ln1="sa_layer_norm", ln2="output_layer_norm",
+                           rotary=False, post_ln=True, head=("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector")),
+    # ModernBERT: pre-LN (layer 0 has no attention norm: an Identity), rotary, fused Wqkv [q | k | v], GLU MLP Wi = [input | gate]
+    "modernbert": ArchSpec(layers="model.layers", embed="model.embeddings.tok_embeddings", embed_ln="model.embeddings.norm",
+                           ln_final="head.norm", attn="attn", out_proj="attn.Wo", attn_out="attn", mlp="mlp", mlp_in="mlp.Wi",
+                           mlp_linear="mlp.Wi", fused_gate_up=True, mlp_down="mlp.Wo", mlp_out="mlp", ln1="attn_norm", ln2="mlp_norm",
+                           q_proj="attn.Wqkv", k_proj="attn.Wqkv", qkv_fused="concat", head=("model.final_norm", "head", "decoder")),
+    "vit": _VIT("vit"), "deit": _VIT("deit"),
+    # DINOv2 scales each sublayer's output by a learned vector (LayerScale) before adding it: that is what is added
+    "dinov2": _VIT("dinov2", "encoder.layer", "norm1", "norm2", "layer_scale1", "layer_scale2"),
+    "dinov2_with_registers": _VIT("dinov2_with_registers", "encoder.layer", "norm1", "norm2", "layer_scale1", "layer_scale2"),   # + register tokens
+}
+ARCH_SPECS.update(ENCODER_SPECS)
+
+# Bloom, Falcon, GPT-Neo and OPT: their attention (and OPT's and Falcon's layers) compute inside their own forward;
+# headscope runs them through ported forwards that use the attention interface (chapter attention.ports) while hooks are on
+_BLOOM = ArchSpec(layers="transformer.h", embed="transformer.word_embeddings", ln_final="transformer.ln_f",
+                  attn="self_attention", attn_out="self_attention.dense",      # BloomAttention returns dense(z) + residual
+                  mlp="mlp", mlp_out="mlp.dense_4h_to_h", mlp_in="mlp.dense_h_to_4h", mlp_down="mlp.dense_4h_to_h",
+                  ln1="input_layernorm", ln2="post_attention_layernorm", rotary=False)
+_GPT_NEO = ArchSpec(layers="transformer.h", embed="transformer.wte", pos_embed="transformer.wpe", ln_final="transformer.ln_f",
+                    attn="attn.attention", attn_out="attn.attention", mlp="mlp", mlp_out="mlp", mlp_in="mlp.c_fc",
+                    mlp_down="mlp.c_proj", ln1="ln_1", ln2="ln_2", rotary=False)
+_OPT = ArchSpec(layers="model.decoder.layers", embed="model.decoder.embed_tokens", pos_embed="model.decoder.embed_positions",
+                ln_final="model.decoder.final_layer_norm", attn="self_attn", attn_out="self_attn",
+                mlp="fc2", mlp_out="fc2", mlp_in="fc1", mlp_down="fc2",                 # fc1 -> act -> fc2 sit on the layer
+                ln1="self_attn_layer_norm", ln2="final_layer_norm", rotary=False)
+
+def _falcon(c)->ArchSpec:
+    "Falcon's layout follows its config: one shared norm or two (new architecture), parallel or not, rotary or ALiBi"
+    new = c.new_decoder_architecture
+    par, two = new or c.parallel_attn, new and c.num_ln_in_parallel_attn == 2
+    ln1, ln2 = ("ln_attn", "ln_mlp") if two else ("input_layernorm", None if par else "post_attention_layernorm")
+    qkv = "self_attention.query_key_value"
+    rot = {} if c.alibi else dict(q_proj=qkv, k_proj=qkv, qkv_fused="groups" if new else "concat" if c.multi_query else "heads")
+    return ArchSpec(layers="transformer.h", embed="transformer.word_embeddings", ln_final="transformer.ln_f",
+                    attn="self_attention", attn_out="self_attention", mlp="mlp", mlp_out="mlp", mlp_in="mlp.dense_h_to_4h",
+                    mlp_down="mlp.dense_4h_to_h", ln1=ln1, ln2=ln2, parallel=par, rotary=not c.alibi, **rot)
+
+ARCH_SPECS.update({"gpt_neo": _GPT_NEO, "opt": _OPT, "falcon": _falcon})   # a spec, or a function of the config (Falcon)
 SUPPORTED_ARCHS = tuple(sorted(ARCH_SPECS))

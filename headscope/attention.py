@@ -110,7 +110,10 @@ def _headscope_attention(module, query, key, value, attention_mask, **kwargs):
     query, key = heads("q", query), heads("k", key)                     # no-rotary models (GPT-2): q and k are these
     value = heads("v", value)
     query, key = heads("rot_q", query), heads("rot_k", key)             # rotary models: after the rotary embedding
-    for fn in taps.get("observe", ()): fn(module, query, key, value, attention_mask, kwargs)   # after q/k/v edits
+    if "observe" in taps:   # an unpadded encoder gets attention_mask=None, which observers would read as causal: give them the full mask
+        m = attention_mask if attention_mask is not None or getattr(module, "is_causal", True) else \
+            torch.ones(1, 1, query.shape[2], key.shape[2], dtype=torch.bool, device=query.device)
+        for fn in taps["observe"]: fn(module, query, key, value, m, kwargs)   # after q/k/v edits
     if "attn_scores" in taps or "pattern" in taps:
         kw = {k: kwargs[k] for k in ("scaling", "softcap") if k in kwargs}
         pattern, changed = attention_pattern(module, query, key, attention_mask, **kw,
@@ -154,6 +157,7 @@ def _run_taps(taps, act:Tensor)->Tensor:
 # %% ../nbs/03_attention.ipynb #ece006de
 def _qk_proj_hooks(spec:ArchSpec, d:ModelDims, q_taps, k_taps)->list:
     "`[(block-relative module path, forward hook)]` serving one layer's pre-rotary `hook_q`/`hook_k` on its projections"
+    if spec.qkv_fused == "groups": from headscope.attention_ports import grouped_qk_hooks; return grouped_qk_hooks(spec, d, q_taps, k_taps)
     H, KV, D = d.n_heads, d.n_kv_heads, d.d_head
     def heads(taps, nh):   # a projection of its own: all of its output, d_head features per head
         def f(mod, args, o):

@@ -8,9 +8,9 @@ import html, math, weakref
 from dataclasses import dataclass
 import torch
 from torch import nn, Tensor
-from .arch import resolve_names, hook_points, model_dims, embed_is_resid, act_name, HookNameError, hook_shape
+from .arch import resolve_names, hook_points, model_dims, embed_is_resid, act_name, HookNameError, hook_shape, arch_spec
 from .hooking import hooks, to_inputs, forward, run_until
-from .tokens import show_tokens
+from .tokens import show_tokens, input_shape
 from .dispatch import input_device, compute_devices   # models dispatched by accelerate: where inputs go, where layers run
 from .decompose import ResidDecomposition   # the TransformerLens methods that take the residual stream apart
 
@@ -110,12 +110,12 @@ class ActivationCache(ResidDecomposition):
     def remove_batch_dim(self)->ActivationCache:
         "The same run without its batch axis (`[pos d_model]`, `[head q_pos k_pos]`, ...), as TransformerLens' `remove_batch_dim`; needs a batch of one"
         if not self.has_batch_dim: return self
-        if (n := self.inputs["input_ids"].shape[0]) != 1:
+        if (n := input_shape(self.model, self.inputs)[0]) != 1:
             raise ValueError(f"remove_batch_dim needs a batch of one prompt, but this cache holds {n}: cache a single prompt, or index each tensor with [i].")
         return self._like({k: v[0] for k, v in self.acts.items()}, None if self.logits is None else self.logits[0], False)
 
     def __repr__(self):
-        return (f"ActivationCache({len(self)} hook points, {_fmt_bytes(self.nbytes)}, batch x pos = {tuple(self.inputs['input_ids'].shape)}"
+        return (f"ActivationCache({len(self)} hook points, {_fmt_bytes(self.nbytes)}, batch x pos = {input_shape(self.model, self.inputs)}"
                 + ("" if self.has_batch_dim else ", batch dim removed") + ")")
 
     def _repr_html_(self):
@@ -128,7 +128,7 @@ class ActivationCache(ResidDecomposition):
             rows.append(f"<tr><td><code>{html.escape(kind)}</code></td><td>{n}</td><td>{html.escape(str(list(shape)))}</td>"
                         f"<td>{dt}</td><td style='text-align:right'>{_fmt_bytes(b)}</td></tr>")
         return (f"<div class='headscope-cache'><b>ActivationCache</b>: {len(self)} hook points, "
-                f"{_fmt_bytes(self.nbytes)} held, input {list(self.inputs['input_ids'].shape)} (batch, pos)"
+                f"{_fmt_bytes(self.nbytes)} held, input {list(input_shape(self.model, self.inputs))} (batch, pos)"
                 "<table><thead><tr><th>hook point</th><th>layers</th><th>shape</th><th>dtype</th><th>bytes</th></tr></thead>"
                 f"<tbody>{''.join(rows)}</tbody></table></div>")
 
@@ -153,22 +153,25 @@ def estimate_cache(model:nn.Module, inputs, names=None, dtype:torch.dtype|None=N
     if isinstance(inputs, tuple) and all(isinstance(i, int) for i in inputs): (b, p), padded = inputs, False
     else:
         x = to_inputs(model, inputs)
-        (b, p), padded = x["input_ids"].shape, "attention_mask" in x and not bool(x["attention_mask"].all())
+        (b, p), padded = input_shape(model, x), "attention_mask" in x and not bool(x["attention_mask"].all())
     d, pts = model_dims(model), hook_points(model)
     names = resolve_names(model, names)
     esz = torch.empty((), dtype=dtype or next(model.parameters()).dtype).element_size()
     by = {}
     for n in names:
         k = pts[n].kind
-        rows = 1 if (k == "pos_embed" and not padded) else b   # position embeddings are shared across the batch unless padding shifts them
+        rows = 1 if (k == "pos_embed" and not padded and model.config.model_type not in ("roberta", "opt")) else b   # position embeddings are shared across the batch unless padding shifts them (RoBERTa numbers each row from its ids, OPT from its mask)
         sz = max(esz, 4) if (k.endswith("scale") and dtype is None) else esz   # norm scales stay float32 in half-precision models
         by[k] = by.get(k, 0) + rows * math.prod(hook_shape(model, n, 1, p)) * sz
     ns, row = set(names), b * p * d.d_model * esz
-    shared = sum(row for l in range(d.n_layers - 1) if f"blocks.{l}.hook_resid_post" in ns and f"blocks.{l+1}.hook_resid_pre" in ns)
+    sp = arch_spec(model)   # post-LN (BERT): ln2's output is the next block's input, ln1's the MLP's; resid_post is the norm's input
+    out, mlp_in = ("ln2.hook_normalized", "ln1.hook_normalized") if sp.post_ln else ("hook_resid_post", None)
+    shared = sum(row for l in range(d.n_layers - 1) if f"blocks.{l}.{out}" in ns and f"blocks.{l+1}.hook_resid_pre" in ns)
+    if mlp_in: shared += sum(row for l in range(d.n_layers) if {f"blocks.{l}.{mlp_in}", f"blocks.{l}.hook_mlp_in"} <= ns)
     for l in range(d.n_layers):   # hook_attn_in is the tensor resid_pre is (so is hook_mlp_in in parallel blocks): kept once
         same = [f"blocks.{l}.hook_resid_pre", f"blocks.{l}.hook_attn_in"] + ([f"blocks.{l}.hook_mlp_in"] if d.parallel else [])
         shared += row * max(0, sum(n in ns for n in same) - 1)
-    if embed_is_resid(model) and {"hook_embed", "blocks.0.hook_resid_pre"} <= ns: shared += row
+    if (embed_is_resid(model) and {"hook_embed", "blocks.0.hook_resid_pre"} <= ns) or {"embed.ln.hook_normalized", "blocks.0.hook_resid_pre"} <= ns: shared += row
     return CacheEstimate(by, shared, (b, p))
 
 # %% ../nbs/05_cache.ipynb #bd041764
@@ -190,7 +193,7 @@ def available_memory(device=None)->int|None:
 
 def check_cache_memory(model:nn.Module, x:dict, names:list, dtype=None, device=None, headroom:float=0.9):
     "Raise `MemoryError` (before any forward) when the cache `names` of inputs `x` would not fit in `headroom` of the free memory"
-    est = estimate_cache(model, tuple(x["input_ids"].shape) if "attention_mask" not in x else x, names, dtype)
+    est = estimate_cache(model, input_shape(model, x) if "attention_mask" not in x else x, names, dtype)
     dev = device or input_device(model)   # where the cache lands (not `meta`, where offloaded weights are)
     free = available_memory(dev)
     if free is None or est.nbytes <= headroom * free: return est

@@ -5,6 +5,7 @@
 # %% ../nbs/71_cli.ipynb #c596c486
 from __future__ import annotations
 import argparse, os, sys, time
+from pathlib import Path
 
 # %% auto #0
 __all__ = ['DEFAULT_PROMPT', 'CLIError', 'main']
@@ -26,6 +27,23 @@ def _parser()->argparse.ArgumentParser:
     r.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype (default: float32)")
     r.add_argument("--no-census", action="store_true", help="skip the head census (faster; the report then has no census section)")
     r.set_defaults(run=_report)
+    c = sub.add_parser("course", help="course mode: export the course notebooks, see students' progress",
+                       description="Course mode: write the student or instructor notebooks; check students' notebooks.")
+    cs = c.add_subparsers(dest="course_command", metavar="SUBCOMMAND", required=True)
+    e = cs.add_parser("export", help="write the course notebooks to DIR", description="Write the course notebooks to DIR.")
+    e.add_argument("dir", metavar="DIR", help="folder to write the notebooks to")
+    v = e.add_mutually_exclusive_group(required=True)
+    v.add_argument("--student", action="store_true", help="solutions replaced by `raise NotImplementedError`, outputs cleared")
+    v.add_argument("--instructor", action="store_true", help="solutions and outputs kept")
+    e.add_argument("--src", default=None, metavar="DIR", help="the course folder (default: nbs/course of this headscope checkout)")
+    e.add_argument("--force", action="store_true", help="overwrite notebooks already in DIR")
+    e.set_defaults(run=_course_export)
+    s = cs.add_parser("status", help="run the checks on students' notebooks and print a CSV",
+                      description="Run each student's course notebooks (in a subprocess: this executes their code) and check every exercise.")
+    s.add_argument("dirs", nargs="+", metavar="DIR", help="a student's folder (several: one per student)")
+    s.add_argument("--csv", default=None, metavar="PATH", help="write the CSV here instead of printing it")
+    s.add_argument("--timeout", type=float, default=600, metavar="S", help="seconds per notebook before it is stopped (default: 600)")
+    s.set_defaults(run=_course_status)
     return p
 
 # %% ../nbs/71_cli.ipynb #a0ba0b34
@@ -51,6 +69,26 @@ def _report(a)->int:
     print(f"Wrote {out}")
     print(f"Top prediction: {top.tokens[0][0]!r} ({100*float(top.probs[0, 0]):.1f}%)")
     print(f"Model loaded in {t1-t0:.1f} s, report made in {t2-t1:.1f} s")
+    return 0
+
+# %% ../nbs/71_cli.ipynb #18b93265
+def _course_export(a)->int:
+    from headscope.course.export import export_course
+    out = export_course(a.dir, student=a.student, src=a.src, force=a.force)
+    print(f"Wrote {len(out)} {'student' if a.student else 'instructor'} notebook{'s' if len(out) != 1 else ''} to {Path(a.dir).resolve()}")
+    return 0
+
+def _course_status(a)->int:
+    from headscope.course.export import course_status, status_csv
+    if a.timeout <= 0: raise CLIError(f"--timeout must be more than 0 seconds, not {a.timeout:g}")
+    for d in a.dirs:
+        if not Path(d).is_dir(): raise CLIError(f"no such folder: {d}")
+    rows = course_status(a.dirs, timeout=a.timeout)
+    text = status_csv(rows)
+    if a.csv: Path(a.csv).write_text(text)
+    else: print(text, end="")
+    n = sum(r["passed"] for r in rows)
+    print(f"{n} of {len(rows)} checks pass in {len(a.dirs)} folder{'s' if len(a.dirs) != 1 else ''}" + (f"; wrote {a.csv}" if a.csv else ""), file=sys.stderr)
     return 0
 
 # %% ../nbs/71_cli.ipynb #c24eada2

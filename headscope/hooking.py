@@ -10,13 +10,14 @@ from collections import defaultdict
 from typing import Callable
 import torch
 from torch import nn, Tensor
-from .arch import arch_spec, model_dims, hook_points, resolve_names, get_module, blocks, ATTN_INTERNAL_KINDS, HookPoint, HookNameError, _out_proj
+from .arch import arch_spec, model_dims, hook_points, resolve_names, get_module, blocks, ATTN_INTERNAL_KINDS, HookPoint, HookNameError, _layer_out_proj
 from .norms import norm_scale, _rescale
 from .tokens import to_inputs   # text -> inputs lives in `tokens`; importable from here too
 from .interventions import select, patch, ablate, scale, add   # the hook-function verbs; importable from here too
 from .attention import (attention_pattern, eager_attention, HookFunctionError, _run_taps, _register_attention,
                                  _BASES, _repeat_kv, _attend, _qk_proj_hooks, _result_hook, _check_softmax)
 from .routing import router_hook
+from .attention_ports import port, unport
 
 # %% auto #0
 __all__ = ['HookContext', 'Hooks', 'hooks', 'kv_cache_name', 'kv_cache_of', 'forward', 'run_with_hooks', 'StopForward',
@@ -29,17 +30,15 @@ class _ForwardState:
     def clear(self): self.mask, self.seq_len, self.past, self._pos, self.cached = None, None, 0, None, False
 
     def read(self, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        emb = kwargs.get("inputs_embeds")
-        x = ids if ids is not None else emb
-        self.seq_len = x.shape[1] if x is not None else None
+        x = next((v for v in (kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")) if v is not None), None)
+        self.seq_len = x.shape[1] if x is not None else None   # images (`pixel_values`): set by the embeddings' output hook
+        if x is None: x = kwargs.get("pixel_values")
         m = kwargs.get("attention_mask")
         self.mask = m if (isinstance(m, Tensor) and m.ndim == 2) else None
         pkv = kwargs.get("past_key_values", kwargs.get("cache"))    # transformers >= 5.24 passes the KV cache as `cache`
         self.past = pkv.get_seq_length() if (pkv is not None and hasattr(pkv, "get_seq_length")) else 0
         self.cached = pkv is not None or bool(kwargs.get("use_cache"))   # generation: later steps bring later positions
-        self.batch = x.shape[0] if x is not None else 1
-        self.device = x.device if x is not None else "cpu"
+        self.batch, self.device = (x.shape[0], x.device) if x is not None else (1, "cpu")
         self._pos = None
 
     def all_positions(self):
@@ -86,8 +85,7 @@ def _with_out(o, t): return (t,) + tuple(o[1:]) if isinstance(o, tuple) else t
 def _in(args, kwargs): return args[0] if args else kwargs["hidden_states"]
 def _with_in(args, kwargs, t): return ((t,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": t})
 
-# model -> {"base": its own attention implementation, "managers": ids of the `Hooks` that need headscope's}: managers
-# may be removed in any order (generators, notebook cells), so the switch is undone only when the last one leaves
+# model -> {"base": its attention implementation, "managers": ids of the `Hooks` needing headscope's}: undone when the last one leaves
 _ATTN_USERS = weakref.WeakKeyDictionary()
 
 class Hooks:
@@ -97,6 +95,7 @@ class Hooks:
         self.points = hook_points(model)
         self.state = _ForwardState()
         self.handles, self.tapped, self.attn_switched = [], [], None
+        self.ported = False
         self.taps = defaultdict(list)   # name -> [(fn, ctx)]
         self.observers = defaultdict(list)   # layer -> [fn(module, query, key, value, attention_mask, kwargs)]
 
@@ -124,6 +123,7 @@ class Hooks:
 
     def attach(self):
         "Register the PyTorch hooks for everything added so far"
+        self.ported = port(self.model)   # Bloom/Falcon/GPT-Neo attention and OPT/Falcon layers: forwards that use the interface
         sp, t = self.spec, self.taps
         _check_softmax(self.model, {self.points[n].kind for n in t})
         self._hook(self.model, lambda mod, a, k: self.state.read(a, k), pre=True)
@@ -137,29 +137,34 @@ class Hooks:
                     new = x if (g2 is g and u2 is u) else torch.cat([g2, u2], -1)
                 return None if new is x else _with_out(o, new)
             return f
-        for n, kind, path in (("hook_embed", "embed", sp.embed), ("hook_pos_embed", "pos_embed", sp.pos_embed),
-                              ("ln_final.hook_scale", "ln_final_scale", sp.ln_final),   # before the normalized output's hook
-                              ("ln_final.hook_normalized", "ln_final", sp.ln_final), ("hook_logits", "logits", None)):
+        if sp.unembed:   # images: the sequence length is known once the embeddings have run
+            self._hook(self._mod(sp.embed), lambda mod, a, o: setattr(self.state, "seq_len", self.state.seq_len or _out(o).shape[1]))
+        for n, path in (("hook_embed", sp.embed), ("hook_pos_embed", sp.pos_embed), ("hook_token_type_embed", sp.token_type_embed),
+                        ("embed.ln.hook_scale", sp.embed_ln), ("embed.ln.hook_normalized", sp.embed_ln),
+                        ("ln_final.hook_scale", sp.ln_final),   # before the normalized output's hook
+                        ("ln_final.hook_normalized", sp.ln_final), ("hook_logits", sp.unembed)):
             if n not in t: continue
             mod = self._mod(path) if path else self.model.get_output_embeddings()
-            self._hook(mod, self._scale_hook(n), kw=True) if kind == "ln_final_scale" else self._hook(mod, out_hook([n]))
+            self._hook(mod, self._scale_hook(n), kw=True) if n.endswith("hook_scale") else self._hook(mod, out_hook([n]))
         asked = defaultdict(dict)   # layer -> {kind: name} of the points with hook functions
         for n in t: asked[self.points[n].layer][self.points[n].kind] = n
         for l, blk in enumerate(blocks(self.model)):
             nm = lambda s: f"blocks.{l}.{s}"
             want = asked.get(l, {})
             if not want and l not in self.observers: continue
-            if "resid_pre" in want or "resid_mid" in want:
+            post = sp.post_ln   # post-LN (BERT): resid_mid and resid_post are the inputs of ln1 and ln2; no norm in front of a sublayer
+            if "resid_pre" in want or ("resid_mid" in want and not post):
                 self._hook(blk, self._resid_pre_hook(l), pre=True)
-            # what attention and the MLP read: the input of their norm, or of the sublayer itself where there is none (OLMo 2)
-            if "attn_in" in want: self._hook(self._mod(sp.ln1 or sp.attn, l), self._input_hook(want["attn_in"]), pre=True)
+            # what attention and the MLP read: the input of their norm, or of the sublayer itself where there is none (OLMo 2, BERT)
+            if "attn_in" in want: self._hook(self._mod(sp.attn if post else sp.ln1 or sp.attn, l), self._input_hook(want["attn_in"]), pre=True)
             if "ln1_scale" in want: self._hook(self._mod(sp.ln1, l), self._scale_hook(want["ln1_scale"]), kw=True)
             if "ln1" in want: self._hook(self._mod(sp.ln1, l), out_hook([nm("ln1.hook_normalized")]))
             if sp.rotary and ("q" in want or "k" in want):   # pre-rotary q/k: on the projections (the attention chapter)
                 for path, fn in _qk_proj_hooks(sp, self.dims, t.get(want.get("q")), t.get(want.get("k"))): self._hook(self._mod(path, l), fn)
-            if "result" in want: self._hook(_out_proj(self._mod(sp.attn, l)), _result_hook(t[want["result"]], self.dims))
-            if "attn_out" in want or "resid_mid" in want: self._hook(self._mod(sp.attn_out, l), self._attn_out_hook(l))
-            if "mlp_in" in want: self._hook(self._mod(sp.ln2 or sp.mlp, l), self._input_hook(want["mlp_in"]), pre=True)
+            if "result" in want: self._hook(_layer_out_proj(self.model, l), _result_hook(t[want["result"]], self.dims))
+            if "attn_out" in want or ("resid_mid" in want and not post): self._hook(self._mod(sp.attn_out, l), self._attn_out_hook(l, post))
+            if post and "resid_mid" in want: self._hook(self._mod(sp.ln1, l), self._input_hook(want["resid_mid"]), pre=True)
+            if "mlp_in" in want: self._hook(self._mod(sp.mlp if post else sp.ln2 or sp.mlp, l), self._input_hook(want["mlp_in"]), pre=True)
             if "ln2_scale" in want: self._hook(self._mod(sp.ln2, l), self._scale_hook(want["ln2_scale"]), kw=True)
             if "ln2" in want: self._hook(self._mod(sp.ln2, l), out_hook([nm("ln2.hook_normalized")]))
             if sp.fused_gate_up and ("mlp_pre" in want or "mlp_pre_linear" in want):
@@ -167,13 +172,10 @@ class Hooks:
             else:
                 if "mlp_pre" in want: self._hook(self._mod(sp.mlp_in, l), out_hook([nm("mlp.hook_pre")]))
                 if "mlp_pre_linear" in want: self._hook(self._mod(sp.mlp_linear, l), out_hook([nm("mlp.hook_pre_linear")]))
-            if "mlp_post" in want:
-                def pre(mod, a, k, n=nm("mlp.hook_post")):
-                    new = _run_taps(t[n], a[0]); return None if new is a[0] else ((new,) + a[1:], k)
-                self._hook(self._mod(sp.mlp_down, l), pre, pre=True)
+            if "mlp_post" in want: self._hook(self._mod(sp.mlp_down, l), self._input_hook(want["mlp_post"]), pre=True)   # the down projection's input
             if "router" in want: self._hook(self._mod(sp.router, l), router_hook(t[want["router"]], self.state))   # MoE: re-routes if replaced
             if "mlp_out" in want: self._hook(self._mod(sp.mlp_out, l), out_hook([nm("hook_mlp_out")]))
-            if "resid_post" in want: self._hook(blk, out_hook([nm("hook_resid_post")]))
+            if "resid_post" in want: self._hook(self._mod(sp.ln2, l), self._input_hook(want["resid_post"]), pre=True) if post else self._hook(blk, out_hook([nm("hook_resid_post")]))
             inner = {k: t[n] for k, n in want.items() if k in ATTN_INTERNAL_KINDS and not (sp.rotary and k in ("q", "k"))}
             if self.observers.get(l): inner["observe"] = list(self.observers[l])
             if inner:
@@ -195,7 +197,7 @@ class Hooks:
         return f
 
     def _input_hook(self, n):
-        "Pre-hook running the functions of `n` on a module's input (`hook_attn_in`, `hook_mlp_in`)"
+        "Pre-hook running the functions of `n` on a module's input (`hook_attn_in`, `hook_mlp_in`, `hook_post`; BERT's `hook_resid_mid`/`hook_resid_post`)"
         def f(mod, args, kwargs):
             x = _in(args, kwargs)
             new = _run_taps(self.taps[n], x)
@@ -210,15 +212,15 @@ class Hooks:
             return None if s2 is s else _with_out(o, _rescale(mod, _out(o), s, s2))   # the norm is linear in 1 / scale
         return f
 
-    def _attn_out_hook(self, l):
-        na, nr, t, st = f"blocks.{l}.hook_attn_out", f"blocks.{l}.hook_resid_mid", self.taps, self.state
+    def _attn_out_hook(self, l, post=False):
+        na, nr, t, st = f"blocks.{l}.hook_attn_out", None if post else f"blocks.{l}.hook_resid_mid", self.taps, self.state
         def f(mod, args, o):
             x = _out(o)
             new = _run_taps(t.get(na), x)
             if nr in t:
-                mid = st.resid_pre + new * self.resid_mult
+                mid = st.resid_pre.to(new.device) + new * self.resid_mult
                 mid2 = _run_taps(t[nr], mid)
-                if mid2 is not mid: new = (mid2 - st.resid_pre) / self.resid_mult
+                if mid2 is not mid: new = (mid2 - st.resid_pre.to(mid2.device)) / self.resid_mult
             return None if new is x else _with_out(o, new)
         return f
 
@@ -254,6 +256,7 @@ class Hooks:
                     del _ATTN_USERS[self.model]
             self.attn_switched = None
         self.state.clear(); self.state.resid_pre = None
+        if self.ported: unport(self.model); self.ported = False
 
 # %% ../nbs/04_hooking.ipynb #ebdc0592
 @contextmanager
@@ -284,8 +287,8 @@ def kv_cache_of(out):
 
 def forward(model:nn.Module, x:dict, **kwargs):
     "One forward of prepared inputs `x`; with padding, position ids count real tokens only (as `generate` does)"
-    m = x.get("attention_mask")
-    if m is not None and "position_ids" not in kwargs and not bool(m.all()):
+    m = x.get("attention_mask")   # encoders number positions themselves (RoBERTa from pad + 1), padded on the right
+    if m is not None and "position_ids" not in kwargs and not bool(m.all()) and not arch_spec(model).head:
         kwargs["position_ids"] = (m.long().cumsum(-1) - 1).masked_fill(m == 0, 1)
     return model(**x, use_cache=False, **kwargs)
 

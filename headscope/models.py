@@ -45,13 +45,15 @@ TINY_ARCHS = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "
 _CONFIGS = dict(gpt2="GPT2Config", llama="LlamaConfig", mistral="MistralConfig", qwen2="Qwen2Config", qwen3="Qwen3Config",
                 gemma="GemmaConfig", gemma2="Gemma2Config", gemma3="Gemma3TextConfig",  # gemma3: the text-only Gemma3ForCausalLM
                 gpt_neox="GPTNeoXConfig", phi3="Phi3Config", olmo2="Olmo2Config")
-_NO_GQA = ("gpt2", "gpt_neox", "gptj", "deepseek_v3", "deepseek_v2")  # one key/value head per query head, by design
+_NO_GQA = ("gpt2", "gpt_neox", "gptj", "deepseek_v3", "deepseek_v2", "gpt_neo", "opt", "bloom")  # one key/value head per query head, by design
 # More families, built from their own config classes (`AutoConfig.for_model`), proven exact by the same
 # battery as the core matrix (tests/test_exact.py) and listed in the README's parity table
 MORE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe",
               "helium", "seed_oss", "ernie4_5", "smollm3", "arcee", "apertus", "starcoder2", "stablelm", "olmo3", "exaone4",
               "glm", "glm4", "granite", "phi", "nemotron", "gpt_bigcode", "glm4_moe", "ernie4_5_moe",
-              "granitemoe", "ministral", "ministral3", "gemma3_multimodal", "gptj", "deepseek_v3", "deepseek_v2")
+              "granitemoe", "ministral", "ministral3", "gemma3_multimodal", "gptj", "deepseek_v3", "deepseek_v2",
+              "cohere", "olmo",
+              "falcon", "gpt_neo", "opt", "bloom")   # attention computed in their own code: hooked through ported forwards (chapter attention.ports)   # norms told apart by behaviour (chapter 00a): Cohere's bias-free LayerNorm, OLMo's weightless one
 _MOE = dict(num_experts_per_tok=2, num_experts=4, num_local_experts=4, moe_intermediate_size=32)   # 4 experts, top 2
 # DeepSeek's multi-head latent attention: q and k are [nope | rope] (8 + 8 = d_head; its config's head_dim is the rope part), v is d_head; layer 0 dense, then MoE
 _MLA = dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, head_dim=8, qk_nope_head_dim=8, v_head_dim=16, first_k_dense_replace=1, n_shared_experts=1)
@@ -64,7 +66,8 @@ def _check_arch(arch):
     if arch in TINY_ARCHS or arch in MORE_ARCHS: return arch
     near = difflib.get_close_matches(str(arch), TINY_ARCHS + MORE_ARCHS, n=1)
     hint = f" Did you mean {near[0]!r}?" if near else ""
-    raise ValueError(f"Unknown architecture {arch!r}.{hint} tiny_model builds: {', '.join(TINY_ARCHS + MORE_ARCHS)}")
+    raise ValueError(f"Unknown architecture {arch!r}.{hint} tiny_model builds: {', '.join(TINY_ARCHS + MORE_ARCHS)}; "
+                     "encoders bert, roberta, distilbert, modernbert; vision transformers vit, deit, dinov2, dinov2_with_registers")
 
 # %% ../nbs/00_models.ipynb #17da7db5
 def _tiny_config(arch, n_layers, d_model, n_heads, n_kv_heads, d_mlp, tok, **overrides):
@@ -79,6 +82,14 @@ def _tiny_config(arch, n_layers, d_model, n_heads, n_kv_heads, d_mlp, tok, **ove
         if n_kv_heads not in (None, 1, n_heads): raise ValueError(f"gpt_bigcode has multi-query attention: n_kv_heads must be 1 or n_heads={n_heads}")
         n_kv_heads = 1 if n_kv_heads in (None, 1) else n_heads
         overrides.setdefault("multi_query", n_kv_heads == 1)
+    elif arch == "falcon":   # multi-query (Falcon-7B, its default), one KV head per head (Falcon-RW), or KV groups (new_decoder_architecture: Falcon-40B)
+        if overrides.get("new_decoder_architecture"):
+            n_kv_heads = n_kv_heads or max(n_heads // 2, 1)
+            overrides.setdefault("num_kv_heads", n_kv_heads); overrides.setdefault("num_ln_in_parallel_attn", 2)
+        else:
+            if n_kv_heads not in (None, 1, n_heads): raise ValueError(f"falcon without new_decoder_architecture=True has multi-query attention or none: n_kv_heads must be 1 or n_heads={n_heads}")
+            n_kv_heads = 1 if n_kv_heads in (None, 1) else n_heads
+            overrides.setdefault("multi_query", n_kv_heads == 1)
     elif arch in _NO_GQA:
         if n_kv_heads not in (None, n_heads): raise ValueError(f"{arch} has no grouped-query attention: n_kv_heads must be n_heads={n_heads}")
         n_kv_heads = n_heads
@@ -90,6 +101,13 @@ def _tiny_config(arch, n_layers, d_model, n_heads, n_kv_heads, d_mlp, tok, **ove
     else: kw.update(num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=n_heads, head_dim=d_head,
                     intermediate_size=d_mlp, max_position_embeddings=TINY_MAX_POS)
     if (arch not in _NO_GQA and arch != "gpt_bigcode") or "deepseek" in arch: kw["num_key_value_heads"] = n_kv_heads
+    if arch == "falcon": kw["ffn_hidden_size"] = kw.pop("intermediate_size"); del kw["head_dim"]   # Falcon's head_dim is a read-only property
+    if arch == "opt": kw.update(ffn_dim=kw.pop("intermediate_size"), word_embed_proj_dim=d_model)
+    if arch == "gpt_neo":   # global and local (sliding window 4) layers alternate, global first
+        kw.update(window_size=4, attention_types=[[["global", "local"], n_layers // 2]] + ([[["global"], 1]] if n_layers % 2 else []))
+    if arch == "bloom":
+        if d_mlp != 4 * d_model: raise ValueError(f"bloom's MLP is 4 * d_model wide: d_mlp must be {4 * d_model} (or None)")
+        del kw["intermediate_size"], kw["max_position_embeddings"]   # ALiBi: no positions
     if arch == "phi3": kw["original_max_position_embeddings"] = TINY_MAX_POS  # its default (4096) would exceed max positions
     if arch in ("gemma2", "gemma3"): kw.update(sliding_window=8, query_pre_attn_scalar=d_head)
     if arch == "gemma3" and "layer_types" not in overrides: kw["sliding_window_pattern"] = 2
@@ -119,7 +137,7 @@ def _attach_tokenizer(model, tok):
     model.tokenizer = tok
     return model
 
-def tiny_model(arch:str,                        # one of `TINY_ARCHS`
+def tiny_model(arch:str,                        # one of `TINY_ARCHS`, `MORE_ARCHS`, `ENCODER_ARCHS`, `VISION_ARCHS`
                seed:int=0,                      # `torch.manual_seed` for the initial weights
                n_layers:int=2,
                d_model:int=64,
@@ -131,6 +149,8 @@ def tiny_model(arch:str,                        # one of `TINY_ARCHS`
                **config_overrides,              # any key of the architecture's config class, e.g. layer_types=
               )->transformers.PreTrainedModel: # random `*ForCausalLM` in eval mode, `.tokenizer` attached
     "A randomly initialised Hugging Face model of architecture `arch`, small enough to build in milliseconds"
+    from headscope.tiny_encoders import ENCODER_ARCHS, VISION_ARCHS, tiny_encoder   # BERT..., ViT...: `*ForMaskedLM`, `*ForImageClassification`
+    if arch in ENCODER_ARCHS + VISION_ARCHS: return tiny_encoder(arch, seed, n_layers, d_model, n_heads, d_mlp, attn_implementation, dtype, **config_overrides)
     tok = byte_tokenizer()
     cfg = _tiny_config(_check_arch(arch), n_layers, d_model, n_heads, n_kv_heads, d_mlp, tok, **config_overrides)
     attn = _attn_for(cfg, attn_implementation)
@@ -254,7 +274,7 @@ def _looks_like_path(s:str)->bool:
 
 def load_model(name_or_path:str|Path|None=None,     # None: embedded SmolLM2-135M-Instruct; a `.gguf` file; a model folder; a hub id
                dtype:torch.dtype=torch.float32,      # fp32 for exact comparisons; bf16 is ~3x faster on CPUs with AMX
-               device:str|torch.device="cpu",
+               device:str|torch.device="cpu",         # ignored with `device_map=` (accelerate places the model)
                attn_implementation:str="sdpa",       # "eager" materialises attention patterns
                cache_dir:str|Path|None=None,         # root for converted GGUF folders (`{cache_dir}/models`); default `headscope_cache_dir()`
                trust_remote_code:bool=False,         # run a hub repository's own modelling code: only if you trust it
@@ -284,7 +304,8 @@ def load_model(name_or_path:str|Path|None=None,     # None: embedded SmolLM2-135
         if not hub: raise
         raise OSError(f"{s!r} is not a local folder or .gguf file, and loading it as a hub id failed"
                       + (" (HF_HUB_OFFLINE is set: only the local hub cache was searched)" if offline else "") + f": {e}") from e
-    model = _settle_tokens(model.to(device).eval(), tok)
+    placed = kwargs.get("device_map") is not None        # accelerate placed (and maybe offloaded) every module: no .to()
+    model = _settle_tokens((model if placed else model.to(device)).eval(), tok)
     if prepend_bos is not None:
         from headscope.tokens import set_prepend_bos
         set_prepend_bos(model, prepend_bos)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00a_norms.ipynb #33f01f5e
 from __future__ import annotations
-import math
+import math, weakref
 import torch
 from torch import nn, Tensor
 from .dispatch import module_tensor
@@ -13,13 +13,37 @@ from .dispatch import module_tensor
 __all__ = ['norm_scale', 'fold_norm']
 
 # %% ../nbs/00a_norms.ipynb #8143eaed
-def _norm_eps(norm:nn.Module)->float:
-    return next((getattr(norm, a) for a in ("variance_epsilon", "eps") if hasattr(norm, a)), 1e-6)
+_PROBED = weakref.WeakKeyDictionary()   # norm -> (centres, eps): measured once per module
+
+def _probe(norm:nn.Module)->tuple:
+    "(does `norm` centre, its epsilon), read from attributes where it has them, else measured from its outputs"
+    hit = _PROBED.get(norm)
+    if hit is not None: return hit
+    eps = next((getattr(norm, a) for a in ("variance_epsilon", "eps") if hasattr(norm, a)), None)
+    n, w = type(norm).__name__, getattr(norm, "weight", None)
+    d = w.shape[-1] if isinstance(w, Tensor) else (getattr(norm, "normalized_shape", None) or (None,))[-1]
+    p = next(iter(norm.parameters()), None)
+    if isinstance(norm, nn.LayerNorm) or "RMS" in n or d is None or (p is not None and p.device.type == "meta"):   # known, or cannot be run here
+        hit = (isinstance(norm, nn.LayerNorm) or "LayerNorm" in n and hasattr(norm, "bias") and "RMS" not in n, 1e-6 if eps is None else eps)
+    else:
+        kw = dict(dtype=p.dtype if p is not None else torch.float32, device=p.device if p is not None else "cpu")
+        x, v = torch.linspace(-1, 2, d, **kw), torch.ones(d, **kw)
+        v[1::2] = -1                                                            # mean 0, mean square 1 (d even)
+        f = norm.forward   # not norm(...): the probe may run inside a hook on this very norm
+        with torch.no_grad():
+            centres = bool(torch.allclose(f(x + 3), f(x), atol=1e-3, rtol=1e-3))
+            if eps is None:
+                r = ((f(1e-3 * v) - f(-1e-3 * v)) / (f(1e3 * v) - f(-1e3 * v))).float().median().item()
+                eps = max(1e-6 * (1 / r ** 2 - 1), 0.)                           # s = 1e-3, S = 1e3
+        hit = (centres, eps)
+    _PROBED[norm] = hit
+    return hit
+
+def _norm_eps(norm:nn.Module)->float: return _probe(norm)[1]
 
 def _is_layer_norm(norm:nn.Module)->bool:
-    "LayerNorm (centres, then scales) rather than RMSNorm (scales only)"
-    n = type(norm).__name__
-    return isinstance(norm, nn.LayerNorm) or "LayerNorm" in n and hasattr(norm, "bias") and "RMS" not in n
+    "LayerNorm (centres, then scales) rather than RMSNorm (scales only), by what the module does"
+    return _probe(norm)[0]
 
 # %% ../nbs/00a_norms.ipynb #90ed1788
 def norm_scale(norm:nn.Module,  # an RMSNorm or LayerNorm module

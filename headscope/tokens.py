@@ -10,9 +10,9 @@ from torch import nn, Tensor
 from .dispatch import input_device
 
 # %% auto #0
-__all__ = ['to_inputs', 'first_token_is_special', 'set_prepend_bos', 'token_strs', 'show_token', 'show_tokens', 'visible',
-           'single_token_id', 'single_token_ids', 'plain_token_ids', 'first_token_id', 'pos_index', 'to_tokens',
-           'to_str_tokens', 'to_string', 'to_single_token', 'get_token_position']
+__all__ = ['input_shape', 'to_inputs', 'first_token_is_special', 'set_prepend_bos', 'token_strs', 'show_token', 'show_tokens',
+           'visible', 'single_token_id', 'single_token_ids', 'plain_token_ids', 'first_token_id', 'pos_index',
+           'to_tokens', 'to_str_tokens', 'to_string', 'to_single_token', 'get_token_position']
 
 # %% ../nbs/02_tokens.ipynb #b3ee588c
 def _vocab_size(model:nn.Module)->int|None:
@@ -52,12 +52,32 @@ def _tokenize(tok, texts:list, prepend_bos, padding_side)->dict:
         return tok.pad({"input_ids": rows}, return_tensors="pt", padding=True)
     finally: tok.padding_side = old
 
+def _image_inputs(model:nn.Module, inputs, dev)->dict:
+    "Images `[batch channels height width]` (or a dict holding `pixel_values`) -> `{'pixel_values': ...}` in the model's dtype"
+    px = inputs.get("pixel_values") if hasattr(inputs, "keys") else inputs
+    if not isinstance(px, Tensor): raise TypeError(f"This model reads images: give `pixel_values` [batch channels height width], not {type(inputs).__name__}.")
+    px = px[None] if px.ndim == 3 else px
+    ch = getattr(model.config, "num_channels", None)
+    if px.ndim != 4 or not px.is_floating_point() or (ch and px.shape[1] != ch):
+        raise ValueError(f"Images must be a float tensor [batch channels height width] with {ch} channels, got a {px.dtype} tensor of shape {tuple(px.shape)}.")
+    return {"pixel_values": px.to(dev, model.dtype)}
+
+def input_shape(model:nn.Module, x:dict)->tuple:
+    "(batch, pos) of prepared inputs `x`: the token ids' shape; for images the patches plus the prefix tokens ([CLS], DeiT's distillation token, registers)"
+    if "input_ids" in x: return tuple(x["input_ids"].shape)
+    b, _, h, w = x["pixel_values"].shape
+    from headscope.arch import arch_spec
+    p, emb = model.config.patch_size, model.get_submodule(arch_spec(model).embed)
+    prefix = sum(t.shape[1] for n, t in emb.named_parameters(recurse=False) if t.ndim == 3 and n != "position_embeddings")
+    return (b, (h // p) * (w // p) + prefix)
+
 def to_inputs(model:nn.Module, inputs,
               padding_side:str|None=None,     # for several prompts: 'left' or 'right' (default: the tokenizer's)
               prepend_bos:bool|None=None,     # text only: None = as the tokenizer does; True = start each prompt with BOS; False = never
              )->dict:
     "Prompt(s), token ids `[batch pos]`/`[pos]` or tokenizer output -> dict of `input_ids` (+ `attention_mask`) on the model's device"
     dev = input_device(model)   # not meta when accelerate offloads the embedding
+    if getattr(model, "main_input_name", None) == "pixel_values": return _image_inputs(model, inputs, dev)   # a vision transformer
     prepend_bos = _model_bos(model, prepend_bos)
     if isinstance(inputs, (list, tuple)) and not inputs: raise ValueError("No prompts: give a prompt, a list of prompts or token ids.")
     if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and all(isinstance(s, str) for s in inputs)):
@@ -74,7 +94,8 @@ def to_inputs(model:nn.Module, inputs,
         out = {"input_ids": ids}
     elif isinstance(inputs, dict) or hasattr(inputs, "keys"):
         if "input_ids" not in inputs: raise ValueError(f"Expected `input_ids` among the inputs, got keys {list(inputs.keys())}.")
-        out = {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs and inputs[k] is not None}
+        keys = ("input_ids", "attention_mask") + (("token_type_ids",) if getattr(model.config, "type_vocab_size", None) else ())   # BERT's segments
+        out = {k: inputs[k] for k in keys if k in inputs and inputs[k] is not None}
         if out["input_ids"].ndim == 1: out = {k: v[None] for k, v in out.items()}
     else:
         raise TypeError(f"Inputs must be a prompt, a list of prompts, token ids or a tokenizer output, not {type(inputs).__name__}.")

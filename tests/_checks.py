@@ -5,13 +5,40 @@ forward (`output_hidden_states`, eager `output_attentions`), the model's own sub
 cached inputs, or a float64 recomputation of attention."""
 import math, torch
 from torch import nn
-from headscope.arch import model_hook_names, blocks, get_module, arch_spec, model_dims, post_rotary_kind, hook_shape, _out_proj
+from headscope.arch import model_hook_names, blocks, get_module, arch_spec, model_dims, post_rotary_kind, hook_shape, _layer_out_proj
 from headscope.hooking import run_with_hooks, ablate, hooks
 from headscope.cache import run_with_cache
+from headscope.tokens import input_shape
 
 O_PROJ = {"gpt2": "c_proj", "gpt_neox": "dense"}   # output projection inside the attention module; others: o_proj
 
 def maxdiff(a, b): return (a.double() - b.double()).abs().max().item()
+
+def inp(c):
+    "the input tensor of a cache's forward: token ids, or a vision transformer's `pixel_values`"
+    return c.inputs["input_ids"] if "input_ids" in c.inputs else c.inputs["pixel_values"]
+
+def _has(model, n): return n in model_hook_names(model)
+
+def _mlp_act(mlp):
+    return next(getattr(mlp, a) for a in ("act_fn", "act", "activation_fn", "intermediate_act_fn", "activation", "gelu_impl") if hasattr(mlp, a))   # Bloom: gelu_impl
+
+def _ln_final_input(model, x:dict):
+    "what the final norm reads in a plain forward, caught by a plain PyTorch hook (encoders: the MLM head's dense + GELU of the last block's output)"
+    got = {}
+    h = get_module(model, arch_spec(model).ln_final).register_forward_pre_hook(lambda m, a: got.setdefault("x", a[0]))
+    try:
+        with torch.no_grad(): model(**x)
+    finally: h.remove()
+    return got["x"]
+
+def _head_logits(model, x):
+    "logits from the final norm's output: the unembedding, or a vision transformer's classifier on [CLS] (DINOv2: [CLS] and the patches' mean)"
+    sp = arch_spec(model)
+    if not sp.unembed: return model.get_output_embeddings()(x)
+    skip = 1 + getattr(model.config, "num_register_tokens", 0)   # DINOv2: [CLS] and the mean of the patches (registers left out)
+    feat = torch.cat([x[:, 0], x[:, skip:].mean(1)], -1) if "dinov2" in model.config.model_type else x[:, 0]
+    return get_module(model, sp.unembed)(feat)
 
 def check_noop_hooks_keep_logits(model, ids, atol):
     with torch.no_grad(): plain = model(ids).logits
@@ -31,7 +58,12 @@ def check_resid_matches_hidden_states(model, c, atol):
     with torch.no_grad(): hs = model(**c.inputs, output_hidden_states=True).hidden_states
     L = model_dims(model).n_layers
     for l in range(L): assert maxdiff(c["resid_pre", l], hs[l]) <= atol, l
-    assert maxdiff(c["ln_final.hook_normalized"], hs[L]) <= atol   # transformers' last hidden state is normalised
+    sp = arch_spec(model)
+    if sp.post_ln: last = c[f"blocks.{L-1}.ln2.hook_normalized"]        # BERT: the last block's output norm
+    elif sp.head: last = get_module(model, sp.head[0])(c["resid_post", L - 1])   # ModernBERT: its final norm, the MLM head's first module
+    elif sp.unembed: last = c["resid_post", L - 1]                     # ViT: before the final norm
+    else: last = c["ln_final.hook_normalized"]                         # decoders: transformers' last hidden state is normalised
+    assert maxdiff(last, hs[L]) <= atol
     assert maxdiff(c.resid_stack()[:L], torch.stack(hs[:L])) <= atol
 
 def check_patterns_match_eager(eager_model, ids, atol=1e-6):
@@ -43,12 +75,19 @@ def check_block_algebra(model, c, atol):
     sp, d, arch = arch_spec(model), model_dims(model), model.config.model_type
     with torch.no_grad():
         for l, blk in enumerate(blocks(model)):
-            attn = get_module(blk, sp.attn)
-            o = _out_proj(attn)(c["z", l].flatten(-2))
-            if sp.attn_out != sp.attn: o = get_module(blk, sp.attn_out)(o)   # sandwich norm after attention
+            proj = _layer_out_proj(model, l)
+            o = proj(c["z", l].flatten(-2))
+            if sp.attn_out not in (sp.attn, sp.out_proj) and get_module(blk, sp.attn_out) is not proj:   # Bloom: attn_out is the projection
+                o = get_module(blk, sp.attn_out)(o)   # sandwich norm (DINOv2: LayerScale) after attention
             assert maxdiff(o, c["attn_out", l]) <= atol, ("z through the output projection is attn_out", l)
             r = getattr(model.config.get_text_config(), "residual_multiplier", 1.0)   # Granite scales each sublayer's output as it adds it
-            if d.parallel:
+            if sp.post_ln:   # BERT: resid_mid = resid_pre + attn_out -> ln1; resid_post = ln1 + mlp_out -> ln2, the block's output
+                n1, n2 = c[f"blocks.{l}.ln1.hook_normalized"], c[f"blocks.{l}.ln2.hook_normalized"]
+                assert maxdiff(c["resid_pre", l] + c["attn_out", l], c["resid_mid", l]) <= atol
+                assert maxdiff(n1 + c["mlp_out", l], c["resid_post", l]) <= atol
+                nxt = c["resid_pre", l + 1] if l + 1 < d.n_layers else None
+                if nxt is not None: assert torch.equal(n2, nxt), ("ln2's output is the next block's input", l)
+            elif d.parallel:
                 assert maxdiff(c["resid_pre", l] + r * (c["attn_out", l] + c["mlp_out", l]), c["resid_post", l]) <= atol
             else:
                 assert maxdiff(c["resid_pre", l] + r * c["attn_out", l], c["resid_mid", l]) <= atol
@@ -60,25 +99,36 @@ def check_block_algebra(model, c, atol):
                 assert maxdiff(x.double() @ w.double().T, c[f"blocks.{l}.mlp.hook_router"]) <= atol, ("router logits", l)
             else:
                 out = get_module(blk, sp.mlp_down)(c[f"blocks.{l}.mlp.hook_post"])
-                if sp.mlp_out != sp.mlp: out = get_module(blk, sp.mlp_out)(out)
+                if sp.mlp_out not in (sp.mlp, sp.mlp_down): out = get_module(blk, sp.mlp_out)(out)
                 assert maxdiff(out, c["mlp_out", l]) <= atol, ("mlp_post through the down projection is mlp_out", l)
-                mlp = get_module(blk, sp.mlp)
-                act = getattr(mlp, "act_fn", None) or getattr(mlp, "act", None) or getattr(mlp, "activation_fn")
+                act = _mlp_act(get_module(blk, sp.mlp) if sp.mlp not in (sp.mlp_down, sp.mlp_in) else blk)   # OPT: fc1 -> act -> fc2 on the layer
                 pre = c[f"blocks.{l}.mlp.hook_pre"]
                 post = act(pre) * c[f"blocks.{l}.mlp.hook_pre_linear"] if d.gated else act(pre)
                 assert maxdiff(post, c[f"blocks.{l}.mlp.hook_post"]) <= atol, l
-            if sp.ln1 is not None:
-                assert maxdiff(get_module(blk, sp.ln1)(c["resid_pre", l]), c[f"blocks.{l}.ln1.hook_normalized"]) <= atol
+            if sp.ln1 is not None and f"blocks.{l}.ln1.hook_normalized" in c:   # ModernBERT's layer 0 has no attention norm
+                src = c["resid_mid", l] if sp.post_ln else c["resid_pre", l]
+                assert maxdiff(get_module(blk, sp.ln1)(src), c[f"blocks.{l}.ln1.hook_normalized"]) <= atol
             if sp.ln2 is not None:
-                src = c["resid_pre", l] if d.parallel else c["resid_mid", l]
+                src = c["resid_post", l] if sp.post_ln else c["resid_pre", l] if d.parallel else c["resid_mid", l]
                 assert maxdiff(get_module(blk, sp.ln2)(src), c[f"blocks.{l}.ln2.hook_normalized"]) <= atol
-        last = c["resid_post", d.n_layers - 1]
-        assert maxdiff(get_module(model, sp.ln_final)(last), c["ln_final.hook_normalized"]) <= atol
-        logits = model.get_output_embeddings()(c["ln_final.hook_normalized"])
+        if sp.embed_ln:   # encoders: the embeddings' LayerNorm over word + position (+ segment) embeddings enters block 0
+            e = sum(c[n] for n in ("hook_embed", "hook_pos_embed", "hook_token_type_embed") if n in c)
+            assert maxdiff(get_module(model, sp.embed_ln)(e), c["embed.ln.hook_normalized"]) <= atol
+            assert torch.equal(c["embed.ln.hook_normalized"], c["resid_pre", 0])
+        L = d.n_layers
+        last = c[f"blocks.{L-1}.ln2.hook_normalized"] if sp.post_ln else c["resid_post", L - 1]   # the last block's output
+        if sp.head:   # encoders: the MLM head maps the last block's output to the logits
+            x = last
+            for p in sp.head: x = get_module(model, p)(x)
+            assert maxdiff(x, c.logits) <= atol, "the MLM head of the last block's output is the logits"
+            assert maxdiff(get_module(model, sp.ln_final)(_ln_final_input(model, c.inputs)), c["ln_final.hook_normalized"]) <= atol
+        else: assert maxdiff(get_module(model, sp.ln_final)(last), c["ln_final.hook_normalized"]) <= atol
+        logits = _head_logits(model, c["ln_final.hook_normalized"])
         assert maxdiff(logits, c["hook_logits"]) <= atol
         cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)   # Gemma 2 caps logits after the unembedding
         if cap: logits = torch.tanh(logits / cap) * cap
         logits = logits / getattr(model.config.get_text_config(), "logits_scaling", 1.0)   # Granite divides them
+        logits = logits * getattr(model.config.get_text_config(), "logit_scale", 1.0)      # Cohere multiplies them
         assert maxdiff(logits, c.logits) <= atol
 
 def check_attention_float64(model, c, atol=1e-5):
@@ -110,7 +160,7 @@ def check_attention_float64(model, c, atol=1e-5):
             assert not keep[..., -1, : sc.shape[-1] - win].any()
 
 def check_replace_with_cached(model, c, atol, names=None):
-    ids = c.inputs["input_ids"]
+    ids = inp(c)
     for n in names or list(c):
         v = c[n].clone()
         out = run_with_hooks(model, ids, [(n, lambda a, h, v=v: v)])
@@ -118,15 +168,15 @@ def check_replace_with_cached(model, c, atol, names=None):
 
 def check_replacement_changes_downstream(model, c, layer=0):
     "a replaced point really feeds forward: doubling it (or, for points a norm follows, mixing its features) changes the logits"
-    ids = c.inputs["input_ids"]
-    for kind in ["hook_resid_pre", "attn.hook_attn_scores", "attn.hook_v", "mlp.hook_pre", "mlp.hook_post", "hook_resid_mid"]:
+    ids, post = inp(c), arch_spec(model).post_ln   # post-LN (BERT): a norm follows resid_mid and resid_post, so they get a change of direction
+    for kind in ["hook_resid_pre", "attn.hook_attn_scores", "attn.hook_v", "mlp.hook_pre", "mlp.hook_post"] + ([] if post else ["hook_resid_mid"]):
         n = f"blocks.{layer}.{kind}"
         if n not in c: continue
         out = run_with_hooks(model, ids, [(n, lambda a, h: a * 2)])
         assert maxdiff(out, c.logits) > 1e-4, n
     # a LayerNorm ignores a doubling and q/k norms undo it, so these get a change of direction (a scale [.. 1] doubles)
     for kind in ["hook_attn_in", "ln1.hook_scale", "attn.hook_q", "attn.hook_k", "attn.hook_rot_q", "attn.hook_rot_k",
-                 "attn.hook_result", "hook_mlp_in", "ln2.hook_scale", "mlp.hook_router"]:   # router: other experts get chosen
+                 "attn.hook_result", "hook_mlp_in", "ln2.hook_scale", "mlp.hook_router"] + (["hook_resid_mid", "hook_resid_post"] if post else []):   # router: other experts get chosen
         n = f"blocks.{layer}.{kind}"
         if n not in model_hook_names(model): continue
         out = run_with_hooks(model, ids, [(n, lambda a, h: a + a.roll(1, -1))])
@@ -135,7 +185,7 @@ def check_replacement_changes_downstream(model, c, layer=0):
 
 def check_shapes(model, c):
     "every cached point has the shape its dimension words say"
-    b, p = c.inputs["input_ids"].shape
+    b, p = input_shape(model, c.inputs)
     for n, v in c.items():
         want = hook_shape(model, n, b, p)
         if n == "hook_pos_embed" and v.shape[0] == 1: want = (1,) + want[1:]   # unpadded: one row, shared by the batch
@@ -145,12 +195,16 @@ def _norms(model, c):
     "[(name prefix, norm module, what it read)] for ln1, ln2 of every layer and ln_final, from the cache"
     sp, d = arch_spec(model), model_dims(model)
     out = []
+    if sp.embed_ln: out.append(("embed.ln", get_module(model, sp.embed_ln), sum(c[n] for n in ("hook_embed", "hook_pos_embed", "hook_token_type_embed") if n in c)))
     for l, blk in enumerate(blocks(model)):
-        if sp.ln1: out.append((f"blocks.{l}.ln1", get_module(blk, sp.ln1), c["resid_pre", l]))
-        if sp.ln2: out.append((f"blocks.{l}.ln2", get_module(blk, sp.ln2), c["resid_pre" if d.parallel else "resid_mid", l]))
-    return out + [("ln_final", get_module(model, sp.ln_final), c["resid_post", d.n_layers - 1])]
+        if sp.ln1 and f"blocks.{l}.ln1.hook_scale" in c: out.append((f"blocks.{l}.ln1", get_module(blk, sp.ln1), c["resid_mid" if sp.post_ln else "resid_pre", l]))
+        if sp.ln2: out.append((f"blocks.{l}.ln2", get_module(blk, sp.ln2), c["resid_post" if sp.post_ln else "resid_pre" if d.parallel else "resid_mid", l]))
+    last = _ln_final_input(model, c.inputs) if sp.head else c["resid_post", d.n_layers - 1]   # encoders: what the MLM head's norm reads
+    return out + [("ln_final", get_module(model, sp.ln_final), last)]
 
-def _eps(norm): return next(getattr(norm, a) for a in ("variance_epsilon", "eps") if hasattr(norm, a))
+_CENTRING = ("CohereLayerNorm", "Cohere2LayerNorm", "OlmoLayerNorm")   # LayerNorms by their modelling code, whatever their class names say
+
+def _eps(norm): return next((getattr(norm, a) for a in ("variance_epsilon", "eps") if hasattr(norm, a)), 1e-5)   # OLMo hard-codes 1e-5
 
 def check_scales(model, c, atol):
     "hook_scale is TransformerLens' divisor, recomputed in float64, and the norm's output is its input divided by it"
@@ -158,13 +212,13 @@ def check_scales(model, c, atol):
         s, out = c[f"{pre}.hook_scale"], c[f"{pre}.hook_normalized"]
         assert s.dtype in (torch.float32, torch.float64) and s.shape == (*x.shape[:-1], 1), pre
         x = x.double()
-        ln = isinstance(norm, nn.LayerNorm)                         # GPT-2 and GPT-NeoX; the others are RMSNorms
+        ln = isinstance(norm, nn.LayerNorm) or type(norm).__name__ in _CENTRING   # GPT-2, GPT-NeoX, encoders, Cohere, OLMo; the others are RMSNorms
         xc = x - x.mean(-1, keepdim=True) if ln else x
         ref = (xc.pow(2).mean(-1, keepdim=True) + _eps(norm)).sqrt()
         assert (s.double() / ref - 1).abs().max() <= atol, pre                # relative: residual norms grow with depth
         with torch.no_grad():   # the gain: LayerNorm's weight; an RMSNorm's (w, or Gemma's 1 + w) read on ones, whose scale is sqrt(1 + eps)
             if ln:   # v = [1 -1 1 -1 ...] has mean 0 and variance 1: norm(v) - norm(-v) = 2 v w / sqrt(1 + eps), whatever w is made of
-                v = torch.ones_like(x[0, 0]).to(norm.weight.dtype); v[1::2] = -1
+                v = torch.ones_like(x[0, 0]).to(next(norm.parameters(), x).dtype); v[1::2] = -1
                 gain = (norm(v).double() - norm(-v).double()) / (2 * v.double()) * math.sqrt(1 + _eps(norm))
             else: gain = norm(torch.ones_like(x[0, 0]).to(norm.weight.dtype)).double() * math.sqrt(1 + _eps(norm))
         bias = getattr(norm, "bias", None)
@@ -175,8 +229,8 @@ def check_scale_edits(model, ids, atol):
     "an edited scale is what the norm divides by: doubling it equals replacing the norm's output by bias + (out - bias) / 2"
     with torch.no_grad(): plain = model(ids).logits
     sp, blk = arch_spec(model), blocks(model)[0]
-    for pre, path, root in (("blocks.0.ln1", sp.ln1, blk), ("blocks.0.ln2", sp.ln2, blk), ("ln_final", sp.ln_final, model)):
-        if path is None: continue
+    for pre, path, root in (("embed.ln", sp.embed_ln, model), ("blocks.0.ln1", sp.ln1, blk), ("blocks.0.ln2", sp.ln2, blk), ("ln_final", sp.ln_final, model)):
+        if path is None or not _has(model, f"{pre}.hook_scale"): continue
         b = getattr(get_module(root, path), "bias", None)
         halve = lambda o, h: (o - b) / 2 + b if b is not None else o / 2
         got = run_with_hooks(model, ids, [(f"{pre}.hook_scale", lambda s, h: 2 * s)])
@@ -188,7 +242,7 @@ def check_result(model, c, atol):
     sp, d, arch = arch_spec(model), model_dims(model), model.config.model_type
     with torch.no_grad():
         for l, blk in enumerate(blocks(model)):
-            proj = _out_proj(get_module(blk, sp.attn))
+            proj = _layer_out_proj(model, l)
             z, r = c["z", l], c["result", l]
             b = proj.bias if getattr(proj, "bias", None) is not None else 0
             for h in range(d.n_heads):
@@ -196,7 +250,7 @@ def check_result(model, c, atol):
                 assert maxdiff(r[:, :, h], proj(zh.flatten(-2)) - b) <= atol, (l, h)
             o = proj(z.flatten(-2))
             assert maxdiff(r.sum(-2) + b, o) <= atol, l
-            if sp.attn_out == sp.attn: assert maxdiff(r.sum(-2) + b, c["attn_out", l]) <= atol, l   # no norm after attention
+            if sp.attn_out in (sp.attn, sp.out_proj): assert maxdiff(r.sum(-2) + b, c["attn_out", l]) <= atol, l   # no norm after attention
 
 def check_result_edits(model, ids, atol, layers=None):
     "zeroing head h's write equals zeroing its z, and changes the logits"
@@ -224,7 +278,8 @@ def check_sublayer_inputs(model, c, atol):
     for l in range(d.n_layers):
         if shared_norm(model): return check_no_sublayer_inputs(model)
         assert torch.equal(c["attn_in", l], c["resid_pre", l]), l
-        assert maxdiff(c["mlp_in", l], c["resid_pre" if d.parallel else "resid_mid", l]) <= atol, l
+        src = c[f"blocks.{l}.ln1.hook_normalized"] if arch_spec(model).post_ln else c["resid_pre" if d.parallel else "resid_mid", l]
+        assert maxdiff(c["mlp_in", l], src) <= atol, l   # post-LN (BERT): the MLP reads ln1's output
 
 def check_sublayer_input_edits(model, ids, atol, l=0):
     "editing attn_in (mlp_in) by v moves that sublayer's output as editing its residual input by v does, and leaves the residual alone"
@@ -233,7 +288,9 @@ def check_sublayer_input_edits(model, ids, atol, l=0):
     v = torch.randn(d.d_model, generator=torch.Generator().manual_seed(3)).to(next(model.parameters()))
     add = lambda a, h: a + v
     nm = lambda k: f"blocks.{l}.{k}"
-    names = [nm(k) for k in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")] + ([] if d.parallel else [nm("hook_resid_mid")])
+    post = arch_spec(model).post_ln   # BERT: the MLP reads (and its residual carries) ln1's output
+    names = [nm(k) for k in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")] + ([] if d.parallel else [nm("hook_resid_mid")]) \
+            + ([nm("ln1.hook_normalized")] if post else [])
     cache = lambda fwd: run_with_cache(model, ids, names=names, fwd_hooks=fwd)
     plain, a_in, pre_v = cache([]), cache([(nm("hook_attn_in"), add)]), cache([(nm("hook_resid_pre"), add)])
     assert torch.equal(a_in[nm("hook_resid_pre")], plain[nm("hook_resid_pre")])
@@ -244,11 +301,11 @@ def check_sublayer_input_edits(model, ids, atol, l=0):
         assert maxdiff(mo, plain[nm("hook_mlp_out")]) <= atol                 # the MLP reads the unedited residual
         assert maxdiff(a_in[nm("hook_resid_post")], r + m * (ao + mo)) <= atol
     else: assert maxdiff(a_in[nm("hook_resid_mid")], r + m * ao) <= atol
-    src = "hook_resid_pre" if d.parallel else "hook_resid_mid"
+    src = "ln1.hook_normalized" if post else "hook_resid_pre" if d.parallel else "hook_resid_mid"
     m_in, src_v = cache([(nm("hook_mlp_in"), add)]), cache([(nm(src), add)])
     assert maxdiff(m_in[nm("hook_mlp_out")], src_v[nm("hook_mlp_out")]) <= atol and maxdiff(m_in[nm("hook_mlp_out")], plain[nm("hook_mlp_out")]) > 1e-4
     assert maxdiff(m_in[nm("hook_attn_out")], plain[nm("hook_attn_out")]) <= atol
-    base = m_in[nm("hook_resid_pre")] + m * m_in[nm("hook_attn_out")] if d.parallel else m_in[nm("hook_resid_mid")]
+    base = m_in[nm("hook_resid_pre")] + m * m_in[nm("hook_attn_out")] if d.parallel else m_in[nm(src)]
     assert maxdiff(m_in[nm("hook_resid_post")], base + m * m_in[nm("hook_mlp_out")]) <= atol
 
 def _q_k_projected(model, l, x):
@@ -280,7 +337,7 @@ def check_qk(model, c, atol):
     if not sp.rotary: return
     with torch.no_grad():
         for l in range(model_dims(model).n_layers):
-            x = c[f"blocks.{l}.ln1.hook_normalized"] if sp.ln1 else c["resid_pre", l]
+            x = c[f"blocks.{l}.ln1.hook_normalized"] if f"blocks.{l}.ln1.hook_normalized" in c else c["resid_pre", l]
             for which, ref in zip("qk" if sp.k_proj else "q", _q_k_projected(model, l, x)):   # MLA (DeepSeek) has no pre-rotary keys
                 pre, rot = c[which, l], c[f"rot_{which}", l]
                 assert maxdiff(pre, ref) <= atol, (l, which)

@@ -71,8 +71,6 @@ def test_validation_catches_a_wrong_fused_layout():
     ("bloom", dict(n_layer=2, hidden_size=64, n_head=4), "BloomAttention computes attention in its own code"),
     ("falcon", dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4), "FalconAttention computes attention in its own code"),
     ("opt", dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64), "no MLP module in OPTDecoderLayer"),
-    ("olmo", dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128),
-     r"ln1 \(OlmoLayerNorm\) does not divide by what headscope's hook_scale computes"),
     ("codegen", dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8), r"hook_q \(from attn.qkv_proj\) is not, at position 0"),
 ])
 def test_refusals_name_the_part(mt, kw, why):
@@ -84,6 +82,18 @@ def test_refusals_name_the_part(mt, kw, why):
     assert m not in _SPECS                              # a refused map is not kept
     assert_no_hooks(m, before)
     with pytest.raises(UnsupportedArchitectureError): model_hook_names(m)   # every entry point refuses the same way
+
+def test_a_norm_dividing_by_something_else_is_refused():
+    "OLMo's weightless LayerNorm is recognised by what it does (it used to be refused); a norm dividing by mean |x| is not one headscope knows"
+    assert arch_spec(_build("olmo", num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128)).inferred
+    class L1Norm(nn.Module):
+        def __init__(self, d): super().__init__(); self.weight = nn.Parameter(torch.ones(d))
+        def forward(self, x): return self.weight * x / (x.abs().mean(-1, keepdim=True) + 1e-6)
+    m = tiny_model("llama")
+    m.config.model_type = "llama_l1"                    # no table: inferred, and checked
+    for b in m.model.layers: b.input_layernorm = L1Norm(64)
+    with pytest.raises(UnsupportedArchitectureError, match=r"ln1 \(L1Norm\) does not divide by what headscope's hook_scale computes"):
+        arch_spec(m)
 
 def test_a_block_without_attention_is_named():
     class Blk(nn.Module):

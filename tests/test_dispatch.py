@@ -150,8 +150,6 @@ def test_weight_edits(pair):
         torch.testing.assert_close(run_with_hooks(m, PROMPT, e.hooks(m)), want, atol=1e-5, rtol=1e-5)
     assert all(p.device.type == "meta" for p in blocks(m)[2].parameters())
 
-@pytest.mark.xfail(strict=True, reason="arch.head_out_weights (and, for post-attention norms, decompose._normalise) read .weight "
-                   "directly, meta under offload: route them through dispatch.module_tensor, see /tmp/h/h2_core_patch.md (01_arch, 05a_decompose)")
 def test_out_weights_through_offload(pair):
     from headscope.weights.core import model_weights
     from headscope.weights.circuits import ov_circuit
@@ -187,8 +185,6 @@ def test_infer_auto_device_map_and_from_pretrained(tmp_path):
     for k in c0: _same(c[k], c0[k])
     _same(c.logits, c0.logits)
 
-@pytest.mark.xfail(strict=True, reason="models.load_model calls model.to(device) after from_pretrained, which accelerate refuses for "
-                   "an offloaded model: skip it when device_map is given, see /tmp/h/h2_core_patch.md (00_models)")
 def test_load_model_device_map(tmp_path):
     from headscope.models import load_model
     ref = tiny_model("llama", n_layers=3)

@@ -1,6 +1,7 @@
 """Every hook point of every tiny architecture equals an independent recomputation (see `_checks.py`)."""
 import pytest, torch
 from headscope.models import tiny_model, TINY_ARCHS, MORE_ARCHS
+from headscope.tiny_encoders import ENCODER_ARCHS, VISION_ARCHS
 from headscope.arch import model_dims, model_hook_names
 from headscope.cache import run_with_cache
 from _checks import *
@@ -8,10 +9,12 @@ from _checks import *
 ATOL = 1e-5
 
 def ids_for(m, b=2, s=12, seed=1):
+    "token ids `[b s]`; for a vision transformer, images `[b 3 16 16]` (16 patches and the prefix tokens)"
     g = torch.Generator().manual_seed(seed)
+    if m.config.model_type in VISION_ARCHS: return torch.randn(b, 3, 16, 16, generator=g).to(m.dtype)
     return torch.randint(3, m.config.get_text_config().vocab_size, (b, s), generator=g)
 
-ARCHS = TINY_ARCHS + MORE_ARCHS   # the core matrix and every further family headscope claims (the README's parity table)
+ARCHS = TINY_ARCHS + MORE_ARCHS + ENCODER_ARCHS + VISION_ARCHS   # the core matrix and every further family headscope claims (the README's parity table)
 
 @pytest.fixture(scope="module", params=ARCHS)
 def arch(request): return request.param

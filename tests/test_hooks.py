@@ -118,8 +118,8 @@ def test_head_out_of_range():
         run_with_hooks(m, "abc", [("blocks.0.attn.hook_k", ablate(head=3))])
 
 def test_unsupported_architecture_lists_supported():
-    from transformers import BertConfig, BertForMaskedLM
-    m = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    from transformers import ElectraConfig, ElectraForMaskedLM   # BERT's layout, but no hook map (BERT itself has one now)
+    m = ElectraForMaskedLM(ElectraConfig(vocab_size=50, embedding_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     with pytest.raises(UnsupportedArchitectureError, match="Supported: .*gpt2.*llama"):
         run_with_cache(m, torch.tensor([[1, 2, 3]]))
 

@@ -13,3 +13,6 @@ def test_table_lists_every_tested_architecture():
     assert len(TINY_ARCHS + MORE_ARCHS) >= 30 and f"{len(TINY_ARCHS + MORE_ARCHS)} architectures" in body
     for a in TINY_ARCHS + MORE_ARCHS: assert f"`{a}`" in body or f'tiny_model("{a}")' in body, a
     assert "| NO |" not in body
+    from headscope.tiny_encoders import ENCODER_ARCHS, VISION_ARCHS
+    assert f"{len(ENCODER_ARCHS + VISION_ARCHS)} encoders" in body
+    for a in ENCODER_ARCHS + VISION_ARCHS: assert f"`{a}`" in body, a

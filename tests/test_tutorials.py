@@ -4,7 +4,7 @@ from pathlib import Path
 import nbformat, pytest
 
 TUTORIALS = sorted((Path(__file__).parents[1] / "nbs" / "tutorials").glob("*.ipynb"))
-VIEWS = ("CircuitGraph", "SteeringPlayground", "FeatureBrowser", "head_views", ".explore(", "PatchingHeatmap", "AttentionExplorer", "AttributionGraphWidget")
+VIEWS = ("image_attention_html", "CircuitGraph", "SteeringPlayground", "FeatureBrowser", "head_views", ".explore(", "PatchingHeatmap", "AttentionExplorer", "AttributionGraphWidget")
 
 def _code(nb): return [c.source for c in nb.cells if c.cell_type == "code" and c.source.strip()]
 

@@ -12,7 +12,7 @@ from ..decompose import head_results
 from ..tokens import to_inputs, pos_index, single_token_ids
 from ..cache import run_with_cache
 from ..results import ScoreGrid, Top
-from .lens import apply_final_norm
+from .lens import apply_final_norm, _decoder_only
 from ..dispatch import module_tensor   # the unembedding may be offloaded (accelerate): read it through its hook
 
 # %% auto #0
@@ -91,6 +91,7 @@ def direct_logit_attribution(model:nn.Module,
                              pos:int=-1,     # the position read, counted among real tokens
                             )->DirectLogitAttribution:
     "Split the logit of `answer` (minus `wrong`) at `pos` into embeddings, heads, attention biases, MLPs and biases, with the final norm frozen at the real residual"
+    _decoder_only(model, "direct_logit_attribution")
     dims, spec, tok = model_dims(model), arch_spec(model), getattr(model, "tokenizer", None)
     L = dims.n_layers
     x = to_inputs(model, prompts, padding_side="left")

@@ -145,6 +145,19 @@ def test_prompt(model:nn.Module,
 test_prompt.__test__ = False   # a library function that pytest must not collect as a test when imported into a test module
 
 # %% ../../nbs/26_causal.lens.ipynb #27b62a5c
+def _causal_lm(model:nn.Module)->bool:
+    "A decoder that predicts the next token through `ln_final` and the output embedding (not an encoder's MLM head, not a ViT's classifier)"
+    sp = arch_spec(model)
+    return not (getattr(sp, "head", ()) or getattr(sp, "unembed", None))
+
+def _decoder_only(model:nn.Module, what:str)->None:
+    "Refuse, before any forward, an analysis that reads the final norm and unembedding of a causal LM on a model without them"
+    if _causal_lm(model): return
+    enc = bool(getattr(arch_spec(model), "head", ()))
+    raise ValueError(f"{what} decodes the residual stream through a decoder's final norm and unembedding; {type(model).__name__} "
+                     + ("is an encoder whose masked-LM head is dense -> GELU -> LayerNorm -> decoder: use `mlm_lens` / `mlm_dla` (headscope.causal.mlm)."
+                        if enc else "has class logits, not a vocabulary: read its classifier's input instead (e.g. the CLS token's `ln_final.hook_normalized`)."))
+
 def apply_final_norm(model:nn.Module,
                      resid:Tensor,    # [... d_model] residual stream
                     )->Tensor:        # [... d_model]
@@ -209,6 +222,7 @@ def logit_lens(model:nn.Module,
                targets=None,         # token(s) to follow: single-token strings (" Paris") or ids
               )->LogitLens:
     "Decode the residual stream at every layer boundary with the model's final norm and unembedding"
+    _decoder_only(model, "logit_lens")
     L, tok = model_dims(model).n_layers, model.tokenizer
     _check_k(model, k)
     if isinstance(inputs, ActivationCache): cache, x = inputs, inputs.inputs

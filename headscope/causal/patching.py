@@ -15,6 +15,7 @@ from ..tokens import token_strs
 from ..cache import run_with_cache
 from ..results import ScoreGrid
 from .metrics import normalise, pair_inputs, check_metric, metric_name
+from .lens import _causal_lm
 
 # %% auto #0
 __all__ = ['KINDS', 'HEAD_KINDS', 'Target', 'targets_for', 'PatchingResult', 'activation_patching']
@@ -73,12 +74,13 @@ def _restorer(group:list, clean:Tensor, K:int, n_pos:int):
         return act
     return f
 
-def _last_logits(out)->Tensor: return out.logits[:, -1]
+def _last_logits(out, at:int=-1)->Tensor: return out.logits[:, at]
+def _keep(model, at:int)->dict: return _keep_last(model) if at == -1 else {}    # all logits only when the metric reads elsewhere
 
 _cache_kw, _out_cache = kv_cache_name, kv_cache_of   # the KV cache's current name (transformers 5) or the old one
 
-def _patched_logits(model, corrupt:dict, clean_acts:dict, chunk:list, n_pos:int, past=None)->Tensor:
-    "Final-position logits `[B·K d_vocab]` of the corrupted prompts with the targets in `chunk` restored"
+def _patched_logits(model, corrupt:dict, clean_acts:dict, chunk:list, n_pos:int, past=None, at:int=-1)->Tensor:
+    "Logits `[B·K d_vocab]` at position `at` (the final one by default) of the corrupted prompts with the targets in `chunk` restored"
     K = len(chunk)
     by_name = {}
     for g, t in enumerate(chunk): by_name.setdefault(t.name, []).append((g, t))
@@ -86,7 +88,7 @@ def _patched_logits(model, corrupt:dict, clean_acts:dict, chunk:list, n_pos:int,
     with torch.no_grad(), hooks(model, fns):
         if past is None:
             x = {k: v.repeat_interleave(K, 0) for k, v in corrupt.items()}
-            return _last_logits(forward(model, x, **_keep_last(model)))
+            return _last_logits(forward(model, x, **_keep(model, at)), at)
         cache = copy.deepcopy(past)
         cache.batch_repeat_interleave(K)
         rest = corrupt["input_ids"][:, cache.get_seq_length():].repeat_interleave(K, 0)   # the tokens after the cached prefix
@@ -122,23 +124,28 @@ def activation_patching(model:nn.Module,
                         pos=-1,                  # int, None (all at once) or "each"
                         layers=None,             # default: every layer
                         batch_size:int=64,       # patched runs per forward (each holds every prompt pair)
-                        reuse_prefix:bool=True,  # patches at position p reuse the corrupted prompt's KV cache of positions < p
+                        reuse_prefix:bool=True,  # patches at position p reuse the corrupted prompt's KV cache of positions < p (causal models)
                         progress:bool=True,
+                        metric_pos:int=-1,       # the position whose logits `metric` reads (e.g. an encoder's [MASK]); -1: the last
                        )->PatchingResult:
     "Restore each clean activation of a grid into the corrupted run and measure the normalised `metric`"
     xc, xk = pair_inputs(model, clean, corrupt, "Patching")
     n_pos = xc["input_ids"].shape[1]
+    if isinstance(metric_pos, bool) or not isinstance(metric_pos, int) or not -n_pos <= metric_pos < n_pos:
+        raise IndexError(f"metric_pos={metric_pos!r}: the prompts have positions 0..{n_pos-1} (-{n_pos}..-1 from the end).")
+    at = -1 if metric_pos % n_pos == n_pos - 1 else metric_pos % n_pos
     ts, shape, axes, index = targets_for(model, kind, n_pos, pos, layers)
     names = sorted({t.name for t in ts})
     cc = run_with_cache(model, xc, names=names)               # the clean activations and the clean baseline, one forward
-    prefix = reuse_prefix and n_pos > 1 and all(t.pos is not None for t in ts)
+    # a patch at p leaves positions < p as corrupted only where attention is causal; an encoder's earlier tokens see it too
+    prefix = reuse_prefix and n_pos > 1 and at == -1 and _causal_lm(model) and all(t.pos is not None for t in ts)
     with torch.no_grad():
-        m_clean = check_metric(metric, cc.logits[:, -1], "Patching")   # [batch], checked before any patched run
+        m_clean = check_metric(metric, cc.logits[:, at], "Patching")   # [batch], checked before any patched run
         if prefix:                                            # one corrupted forward: its baseline and the KV cache prefixes are cut from
             out = model(input_ids=xk["input_ids"], use_cache=True, **_keep_last(model))
             full = _out_cache(out)
-        else: out, full = forward(model, xk, **_keep_last(model)), None
-        m_corrupt = metric(_last_logits(out))
+        else: out, full = forward(model, xk, **_keep(model, at)), None
+        m_corrupt = metric(_last_logits(out, at))
     xk_in = {"input_ids": xk["input_ids"]}
     by_pos = {}                                               # a patch at position p leaves positions < p as corrupted
     for i, t in enumerate(ts): by_pos.setdefault(t.pos if prefix else None, []).append(i)
@@ -151,7 +158,7 @@ def activation_patching(model:nn.Module,
             past.crop(p - n_pos)                              # keep positions < p (negative: transformers 5 refuses a length)
         for i in range(0, len(idx), batch_size):
             chunk = idx[i:i + batch_size]
-            lg = _patched_logits(model, xk_in, cc.acts, [ts[j] for j in chunk], n_pos, past)
+            lg = _patched_logits(model, xk_in, cc.acts, [ts[j] for j in chunk], n_pos, past, at)
             raw[chunk] = metric(lg).view(-1, len(chunk)).mean(0).cpu()
             bar.update(len(chunk))
     bar.close()

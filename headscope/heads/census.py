@@ -164,6 +164,10 @@ def head_census(model:nn.Module,
                 progress:bool=True,
                )->HeadCensus:
     "Pattern, retrieval, ablation, gradient, sink and DLA scores of every head, gathered into one `HeadCensus`"
+    from headscope.causal.lens import _causal_lm     # (causal/ is not imported at module level by heads/)
+    if not _causal_lm(model): raise ValueError(
+        f"head_census scores next-token prediction (ablation and gradient losses, needle copying, induction); {type(model).__name__} is not a "
+        "causal LM. For an encoder use `bidirectional_scores` ([CLS]/[SEP] sinks, previous/next-token heads); for a ViT, `vision_head_scores`.")
     dims = model_dims(model)
     scores = pattern_scores(model, text, repeated, n_seq=n_seq, seq_len=seq_len, q_chunk=q_chunk, k_chunk=k_chunk, progress=progress)
     extra = {}
