@@ -32,8 +32,7 @@ def arch_spec(model:nn.Module)->ArchSpec:
     mt = getattr(getattr(model, "config", None), "model_type", None)
     if mt in ARCH_SPECS:
         from headscope.attention_ports import port_refusal   # lazy: attention_ports imports attention, which imports arch
-        why = port_refusal(model)
-        if why: raise UnsupportedArchitectureError(f"headscope cannot hook this {mt} model: {why}.")
+        if (why := port_refusal(model)): raise UnsupportedArchitectureError(f"headscope cannot hook this {mt} model: {why}.")
         s = ARCH_SPECS[mt]
         return s(model.config) if callable(s) else s   # Falcon: a function of its config
     if mt is None: raise UnsupportedArchitectureError(f"{type(model).__name__} is not a Hugging Face model (no config.model_type). Supported: {', '.join(SUPPORTED_ARCHS)}, and models that follow their layout.")

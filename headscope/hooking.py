@@ -92,10 +92,7 @@ class Hooks:
     "Attaches hook functions to a model; `remove()` (or leaving `with hooks(...)`) takes every one of them off."
     def __init__(self, model:nn.Module):
         self.model, self.spec, self.dims, self.resid_mult = model, arch_spec(model), model_dims(model), getattr(model.config.get_text_config(), "residual_multiplier", 1.0)
-        self.points = hook_points(model)
-        self.state = _ForwardState()
-        self.handles, self.tapped, self.attn_switched = [], [], None
-        self.ported = False
+        self.points, self.state, self.handles, self.tapped, self.attn_switched, self.ported = hook_points(model), _ForwardState(), [], [], None, False
         self.taps = defaultdict(list)   # name -> [(fn, ctx)]
         self.observers = defaultdict(list)   # layer -> [fn(module, query, key, value, attention_mask, kwargs)]
 

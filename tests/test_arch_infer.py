@@ -69,8 +69,6 @@ def test_validation_catches_a_wrong_fused_layout():
 
 @pytest.mark.parametrize("mt, kw, why", [
     ("bloom", dict(n_layer=2, hidden_size=64, n_head=4), "BloomAttention computes attention in its own code"),
-    ("falcon", dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4), "FalconAttention computes attention in its own code"),
-    ("opt", dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64), "no MLP module in OPTDecoderLayer"),
     ("codegen", dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8), r"hook_q \(from attn.qkv_proj\) is not, at position 0"),
 ])
 def test_refusals_name_the_part(mt, kw, why):

@@ -212,32 +212,8 @@ def test_port_refusal_names_post_ln_opt():
     assert port_refusal(tiny("opt")) is None and port_refusal(tiny("bloom")) is None
     assert "post-LN" in port_refusal(tiny("opt", do_layer_norm_before=False))
 
-def test_hookup_ports_inside_hooks(monkeypatch):
-    "the hookup (h7_hookup.md): `Hooks.attach` ports the model, `remove` unports it; then unported models hook exactly, and nothing stays"
-    attach, remove = hooking.Hooks.attach, hooking.Hooks.remove
-    def attach2(self): self.ported = port(self.model); return attach(self)
-    def remove2(self):
-        try: remove(self)
-        finally:
-            if getattr(self, "ported", False): unport(self.model); self.ported = False
-    monkeypatch.setattr(hooking.Hooks, "attach", attach2); monkeypatch.setattr(hooking.Hooks, "remove", remove2)
-    for name in ("bloom", "falcon_new_alibi", "gpt_neo", "opt"):
-        kind, kw = VARIANTS[name]
-        m = tiny(kind, **kw)
-        _SPECS[m] = SPECS[kind](m.config)
-        ids = ids_for(m)
-        with torch.no_grad(): plain, att = (lambda o: (o.logits, o.attentions))(m(ids, output_attentions=True))
-        before = hook_state(m)   # after: transformers leaves its own output-recording hooks on OPT
-        out = hooking.run_with_hooks(m, ids, [(n, lambda a, h: None) for n in model_hook_names(m)])
-        assert maxdiff(out, plain) <= EXACT32.get(name, 0.0), name
-        c = run_with_cache(m, ids, names="blocks.*.attn.hook_pattern")
-        for l, a in enumerate(att): assert maxdiff(c["pattern", l], a) <= 1e-6, (name, l)
-        assert_no_hooks(m, before)
-        assert not any("forward" in vars(mod) for mod in m.modules()), name
-        with pytest.raises(ZeroDivisionError), hooking.hooks(m, [("blocks.0.hook_mlp_out", lambda a, h: 1 / 0)]): m(ids)
-        assert not any("forward" in vars(mod) for mod in m.modules()), name
+# (test_hookup_ports_inside_hooks simulated the hookup on unported models; the hookup is now real, in hooking.Hooks)
 
-# ---- the battery, with the hand-written specs ----
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def name(request): return request.param
 

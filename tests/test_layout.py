@@ -5,7 +5,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PKG = ROOT / "headscope"
-CORE = {"models", "tiny_encoders", "norms", "dispatch", "arch", "arch_specs", "arch_infer", "routing", "tokens", "attention", "hooking", "interventions", "decompose", "cache", "results"}
+CORE = {"models", "tiny_encoders", "norms", "dispatch", "arch", "arch_specs", "arch_infer", "routing", "attention_ports", "tokens", "attention", "hooking", "interventions", "decompose", "cache", "results"}
 ANALYSES = {"heads", "causal", "probes", "sae", "toys", "weights"}
 TOP = {"report", "cli"}
 PURE_FOR_VIEWS = {"tokens", "results", "arch", "causal.metrics", "views"}   # what a view may import: no model runs
