@@ -253,11 +253,12 @@ class SNMFSteering(ScoreGrid):
         return torch.where(self.sign[:, None] > 0, self.baseline_shift[0], -self.baseline_shift[1])
     scores = property(lambda self: {"effect": self.effect, "excess": self.effect - self.baseline_effect})
     index = property(lambda self: {"component": self.components.tolist()})
-    def beats_baseline(self, ppl_factor:float=2.)->Tensor:  # [component] bool
-        "Features whose effect matches or passes diff-in-means at some coefficient where neither breaks the text (perplexity <= ppl_factor × unsteered)"
+    def beats_baseline(self, ppl_factor:float=2., rtol:float=1e-4)->Tensor:  # [component] bool
+        "Features whose effect matches (within `rtol` of its size) or passes diff-in-means at some coefficient where neither breaks the text (perplexity <= ppl_factor × unsteered)"
         base_ok = torch.where(self.sign[:, None] > 0, self.baseline_perplexity[0], self.baseline_perplexity[1]) <= ppl_factor * self.base_perplexity
         ok = (self.perplexity <= ppl_factor * self.base_perplexity) & base_ok
-        return ((self.effect >= self.baseline_effect) & ok).any(1)
+        be = self.baseline_effect
+        return ((self.effect >= be - rtol * be.abs() - 1e-7) & ok).any(1)
     def __repr__(self):
         b = self.beats_baseline()
         return (f"SNMFSteering(L{self.layer}, {len(self.components)} features × coeffs {self.coeffs.tolist()}; "
