@@ -4,17 +4,17 @@
 
 # %% ../../nbs/72_course.core.ipynb #3e88220c
 from __future__ import annotations
-import hashlib, html, importlib, sys
+import hashlib, html, importlib, re, sys
 from dataclasses import dataclass, field
 from typing import Callable
 import torch
 
 # %% auto #0
 __all__ = ['CHAPTERS', 'EXERCISES', 'Mismatch', 'Exercise', 'exercise', 'load_chapters', 'find_exercise', 'CheckResult', 'show',
-           'NotWritten', 'call', 'compare', 'run_check', 'check', 'quiz_key', 'quiz_question', 'quiz']
+           'NotWritten', 'call', 'compare', 'run_check', 'check', 'quiz_key', 'quiz_question', 'quiz', 'Hint', 'hint']
 
 # %% ../../nbs/72_course.core.ipynb #1c34474e
-CHAPTERS = {1: "headscope.course.ch01"}   # chapter -> module registering its exercises; later chapters add theirs
+CHAPTERS = {n: f"headscope.course.ch{n:02d}" for n in range(1, 9)}   # chapter -> module registering its exercises
 EXERCISES: dict = {}                     # exercise id ("1.3") -> Exercise
 
 class Mismatch(Exception):
@@ -39,15 +39,23 @@ def exercise(id:str, name:str, title:str, hint:str, kind:str="function"):
         return checker
     return deco
 
-def load_chapters():
-    "Import every chapter's checks (cheap: checks build their tiny models only when they run)"
-    for mod in CHAPTERS.values(): importlib.import_module(mod)
+def load_chapters(chapters=None):
+    "Import the checks of `chapters` (default: all; cheap, since checks build their tiny models only when they run)"
+    for n in CHAPTERS if chapters is None else chapters:
+        if n not in CHAPTERS: raise KeyError(f"There is no chapter {n!r}: the course has chapters {', '.join(map(str, CHAPTERS))}.")
+        try: importlib.import_module(CHAPTERS[n])
+        except ModuleNotFoundError as e:   # a chapter not written yet (tests/test_course.py demands all of them)
+            if chapters is not None or e.name != CHAPTERS[n]: raise
     return EXERCISES
 
 def find_exercise(key)->Exercise:
     "The exercise with id `key` (\"1.3\"), or the one whose function is `key` (a function or its name)"
-    load_chapters()
     if isinstance(key, str) and key in EXERCISES: return EXERCISES[key]
+    if isinstance(key, str) and re.fullmatch(r"\d+\.(q?\d+)", key):
+        load_chapters([int(key.split(".")[0])])
+        if key in EXERCISES: return EXERCISES[key]
+        raise KeyError(f"Chapter {key.split('.')[0]} has no exercise {key}: it has {', '.join(e.id for e in EXERCISES.values() if e.chapter == int(key.split('.')[0]))}.")
+    load_chapters()
     name = key if isinstance(key, str) else getattr(key, "__name__", None)
     hits = [e for e in EXERCISES.values() if e.name == name]
     if not hits:
@@ -166,3 +174,13 @@ def quiz_question(id:str, name:str, key:str, options:str, hint:str="read the exp
 def quiz(id:str, answer)->None:
     "Check the answer to quiz question `id` and show one line"
     show(run_check(id, answer))
+
+class Hint(str):
+    "A hint: shown as plain text (no quotes) in a notebook and on a terminal"
+    def __repr__(self): return str(self)
+    def _repr_html_(self): return f'<div style="border-left:4px solid #8250df;padding:4px 8px">{html.escape(self)}</div>'
+
+def hint(key)->Hint:
+    "The hint of exercise `key` (an id such as \"1.3\", a function, or its name), without checking anything"
+    ex = find_exercise(key)
+    return Hint(f"Hint for exercise {ex.id} ({ex.name}): {ex.hint}")
