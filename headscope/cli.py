@@ -37,6 +37,7 @@ def _parser()->argparse.ArgumentParser:
     v.add_argument("--instructor", action="store_true", help="solutions and outputs kept")
     e.add_argument("--src", default=None, metavar="DIR", help="the course folder (default: nbs/course of this headscope checkout)")
     e.add_argument("--force", action="store_true", help="overwrite notebooks already in DIR")
+    e.add_argument("--reveal", action="store_true", help="with --student: keep each explained solution, collapsed (for self-study)")
     e.set_defaults(run=_course_export)
     s = cs.add_parser("status", help="run the checks on students' notebooks and print a CSV",
                       description="Run each student's course notebooks (in a subprocess: this executes their code) and check every exercise.")
@@ -74,7 +75,8 @@ def _report(a)->int:
 # %% ../nbs/71_cli.ipynb #18b93265
 def _course_export(a)->int:
     from headscope.course.export import export_course
-    out = export_course(a.dir, student=a.student, src=a.src, force=a.force)
+    if a.reveal and not a.student: raise CLIError("--reveal goes with --student (the instructor version has the solutions already)")
+    out = export_course(a.dir, student=a.student, src=a.src, force=a.force, reveal=a.reveal)
     print(f"Wrote {len(out)} {'student' if a.student else 'instructor'} notebook{'s' if len(out) != 1 else ''} to {Path(a.dir).resolve()}")
     return 0
 

@@ -10,7 +10,7 @@ import nbformat
 
 # %% auto #0
 __all__ = ['strip_solutions', 'is_solution_cell', 'course_dir', 'course_notebook', 'export_course', 'chapter_of',
-           'notebook_status', 'course_status', 'status_csv']
+           'notebook_report', 'notebook_status', 'course_status', 'status_csv']
 
 # %% ../../nbs/73_course.export.ipynb #7017727f
 _BEGIN, _END = "### BEGIN SOLUTION", "### END SOLUTION"
@@ -46,11 +46,11 @@ def course_dir()->Path:
     if not d.is_dir(): raise FileNotFoundError(f"no course notebooks at {d}: pass src= (--src), the nbs/course folder of a headscope checkout")
     return d
 
-def course_notebook(nb, student:bool):
-    "The student or instructor version of a course notebook (an `nbformat` node; a copy)"
+def course_notebook(nb, student:bool, reveal:bool=False):
+    "The student or instructor version of a course notebook (an `nbformat` node; a copy); `reveal` keeps the collapsed solutions for self-study"
     nb = nbformat.from_dict(json.loads(json.dumps(nb)))
     if not student: return nb
-    nb.cells = [c for c in nb.cells if not is_solution_cell(c)]
+    if not reveal: nb.cells = [c for c in nb.cells if not is_solution_cell(c)]
     for c in nb.cells:
         if c.cell_type == "code": c.source, c.outputs, c.execution_count = strip_solutions(c.source), [], None
     nb.metadata.pop("widgets", None)
@@ -60,6 +60,7 @@ def export_course(dest,                  # folder to write the notebooks to (cre
                   student:bool=True,     # True: solutions stripped, outputs cleared; False: the instructor version
                   src=None,              # course folder (default `course_dir()`)
                   force:bool=False,      # overwrite notebooks already in `dest` (a student's work, maybe)
+                  reveal:bool=False,     # student version only: keep each "Solution, explained" cell, collapsed (self-study)
                  )->list[Path]:
     "Write the student (or instructor) version of every course notebook in `src` to `dest`"
     src = Path(src) if src is not None else course_dir()
@@ -71,7 +72,7 @@ def export_course(dest,                  # folder to write the notebooks to (cre
     dest.mkdir(parents=True, exist_ok=True)
     out = []
     for p in nbs:
-        nbformat.write(course_notebook(nbformat.read(p, as_version=4), student), dest/p.name)
+        nbformat.write(course_notebook(nbformat.read(p, as_version=4), student, reveal), dest/p.name)
         out.append(dest/p.name)
     return out
 
@@ -104,22 +105,28 @@ def _worker(path:str):
             else: r = run_check(ex.id, ns[ex.name])
             rows.append({"exercise": ex.id, "name": ex.name, "passed": r.passed, "message": r.message})
     for r in rows: print(json.dumps(r), file=real)
+    for e in errors: print(json.dumps({"cell_error": e}), file=real)
 
 # %% ../../nbs/73_course.export.ipynb #167f7a24
-def notebook_status(path, timeout:float=600)->list[dict]:
-    "Rows {exercise, name, passed, message} for one student notebook, run in a subprocess killed after `timeout` s"
+def notebook_report(path, timeout:float=600)->tuple[list[dict], list[str]]:
+    "Rows {exercise, name, passed, message} for one student notebook, and the cells that raised, run in a subprocess killed after `timeout` s"
     from headscope.course.core import load_chapters
     path = Path(path).resolve()
     exs = [e for e in load_chapters().values() if e.chapter == chapter_of(path)]
-    fail = lambda msg: [{"exercise": e.id, "name": e.name, "passed": False, "message": msg} for e in exs]
+    fail = lambda msg: ([{"exercise": e.id, "name": e.name, "passed": False, "message": msg} for e in exs], [msg])
     cmd = [sys.executable, "-c", "import sys; from headscope.course.export import _worker; _worker(sys.argv[1])", str(path)]
     try: p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=path.parent)
     except subprocess.TimeoutExpired: return fail(f"not checked: the notebook ran for more than {timeout:g} s")
-    rows = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
+    out = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
+    rows, errors = [r for r in out if "cell_error" not in r], [r["cell_error"] for r in out if "cell_error" in r]
     if p.returncode or not rows and exs:
         last = (p.stderr.strip().splitlines() or ["no output"])[-1]
         return fail(f"not checked: running the notebook failed ({last})")
-    return rows
+    return rows, errors
+
+def notebook_status(path, timeout:float=600)->list[dict]:
+    "Rows {exercise, name, passed, message} for one student notebook (`notebook_report` without the cell errors)"
+    return notebook_report(path, timeout)[0]
 
 def course_status(dirs,               # one student's folder, or several
                   timeout:float=600,  # seconds per notebook
