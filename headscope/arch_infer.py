@@ -146,10 +146,12 @@ def infer_spec(model:nn.Module)->ArchSpec:
     pos = next((n for n, k in kids.items() if isinstance(k, nn.Embedding) and k is not emb), None)
     rotary = any("Rotary" in type(x).__name__ for x in model.modules()) or _cfg(c, "rotary_dim", "rotary_pct") is not None
     qk = {k: f"{attn}.{v}" if v and k != "qkv_fused" else v for k, v in _qk(blk.get_submodule(attn)).items()} if rotary else {}
+    post = [r for r in ("attn_out", "mlp_out") if r in role]   # norms reading the sublayers' outputs (Gemma 2, OLMo 2, EXAONE 4)
+    if len(post) == 1: raise UnsupportedArchitectureError(f"a norm ({role[post[0]]!r}) follows only one sublayer; `sublayer_norm` says both are normalised")
     return ArchSpec(layers=layers, embed=_path(model, emb, "input embedding"), ln_final=pre + finals[-1],
                     attn=attn, attn_out=role.get("attn_out", attn), mlp=mlp, mlp_out=role.get("mlp_out", mlp), **mlpf,
                     ln1=role.get("ln1"), ln2=role.get("ln2"), pos_embed=pre + pos if pos else None, rotary=rotary,
-                    parallel=role["parallel"], **qk, inferred=True)
+                    parallel=role["parallel"], **qk, sublayer_norm=bool(post), inferred=True)
 
 # %% ../nbs/01b_arch_infer.ipynb #653d9ce8
 def _fail(msg): raise UnsupportedArchitectureError(f"the inferred hook map failed its check: {msg}")

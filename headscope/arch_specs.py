@@ -44,6 +44,8 @@ class ArchSpec:
     token_type_embed: str|None = None   # BERT's segment embeddings, `hook_token_type_embed`
     unembed: str|None = None       # the module whose output is `hook_logits` where it is not the output embedding (a ViT's classifier)
     head: tuple = ()               # encoders: module paths mapping the last block's output to the logits, in order (the MLM head)
+    sublayer_norm: bool = False    # a norm follows each sublayer (Gemma 2/3, OLMo 2): `attn_out`/`mlp_out` are those norms, and what reaches
+                                   # the residual stream is not linear in the projections' outputs (False where they are the projections: Bloom, BERT)
 
 # %% ../nbs/01a_arch_specs.ipynb #bcf005a8
 _LLAMA = ArchSpec(layers="model.layers", embed="model.embed_tokens", ln_final="model.norm",
@@ -53,7 +55,7 @@ _LLAMA = ArchSpec(layers="model.layers", embed="model.embed_tokens", ln_final="m
                   q_proj="self_attn.q_proj", k_proj="self_attn.k_proj")
 # Gemma 2/3 normalise each sublayer's output before adding it (a "sandwich" of norms)
 _SANDWICH = replace(_LLAMA, attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
-                    ln2="pre_feedforward_layernorm")
+                    ln2="pre_feedforward_layernorm", sublayer_norm=True)
 _MOE = replace(_LLAMA, router="mlp.gate")   # Mixtral's layout: `mlp.gate` routes, `mlp.experts` compute
 
 ARCH_SPECS: dict[str, ArchSpec] = {
@@ -61,7 +63,7 @@ ARCH_SPECS: dict[str, ArchSpec] = {
     "gemma": _LLAMA,
     "gemma2": _SANDWICH, "gemma3_text": _SANDWICH,
     # OLMo 2 normalises sublayer outputs only: there is no norm in front of attention or the MLP
-    "olmo2": replace(_LLAMA, attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm", ln1=None, ln2=None),
+    "olmo2": replace(_LLAMA, attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm", ln1=None, ln2=None, sublayer_norm=True),
     "phi3": replace(_LLAMA, mlp_in="mlp.gate_up_proj", mlp_linear="mlp.gate_up_proj", fused_gate_up=True,
                     q_proj="self_attn.qkv_proj", k_proj="self_attn.qkv_proj", qkv_fused="concat"),
     # GPT-2 has learned positions, no rotary: its q and k are the ones attention scores with
@@ -133,5 +135,5 @@ def _falcon(c)->ArchSpec:
                     attn="self_attention", attn_out="self_attention", mlp="mlp", mlp_out="mlp", mlp_in="mlp.dense_h_to_4h",
                     mlp_down="mlp.dense_4h_to_h", ln1=ln1, ln2=ln2, parallel=par, rotary=not c.alibi, **rot)
 
-ARCH_SPECS.update({"gpt_neo": _GPT_NEO, "opt": _OPT, "falcon": _falcon})   # a spec, or a function of the config (Falcon)
+ARCH_SPECS.update({"bloom": _BLOOM, "gpt_neo": _GPT_NEO, "opt": _OPT, "falcon": _falcon})   # a spec, or a function of the config (Falcon)
 SUPPORTED_ARCHS = tuple(sorted(ARCH_SPECS))

@@ -43,7 +43,7 @@ def head_results(model:nn.Module, l:int,
     (W, b), sp = head_out_weights(model, l), arch_spec(model)
     heads = torch.einsum("...hd,hdm->...hm", z.to(torch.promote_types(z.dtype, torch.float32)), W.detach().to(z.device, torch.promote_types(z.dtype, torch.float32)))
     bias = (b.detach().to(heads) if b is not None else heads.new_zeros(W.shape[-1])).expand(*heads.shape[:-2], -1)
-    if post_norm and sp.attn_out != sp.attn:   # a norm after o_proj: linear only at its frozen scale
+    if post_norm and sp.sublayer_norm:   # a norm after o_proj: linear only at its frozen scale
         pn, o = get_module(blocks(model)[l], sp.attn_out), heads.sum(-2) + bias
         heads, bias = _normalise(pn, o, heads.movedim(-2, 0), True).movedim(0, -2), _normalise(pn, o, bias, True)
         if isinstance(getattr(pn, "bias", None), Tensor): bias = bias + module_tensor(pn, "bias").detach().to(bias)

@@ -52,8 +52,8 @@ MORE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe",
               "helium", "seed_oss", "ernie4_5", "smollm3", "arcee", "apertus", "starcoder2", "stablelm", "olmo3", "exaone4",
               "glm", "glm4", "granite", "phi", "nemotron", "gpt_bigcode", "glm4_moe", "ernie4_5_moe",
               "granitemoe", "ministral", "ministral3", "gemma3_multimodal", "gptj", "deepseek_v3", "deepseek_v2",
-              "cohere", "olmo",
-              "falcon", "gpt_neo", "opt")   # attention computed in their own code: hooked through ported forwards (chapter attention.ports)   # norms told apart by behaviour (chapter 00a): Cohere's bias-free LayerNorm, OLMo's weightless one
+              "cohere", "olmo",                     # norms told apart by behaviour (chapter 00a): Cohere's bias-free LayerNorm, OLMo's weightless one
+              "bloom", "falcon", "gpt_neo", "opt")   # attention computed in their own code: hooked through ported forwards (chapter attention.ports)
 _MOE = dict(num_experts_per_tok=2, num_experts=4, num_local_experts=4, moe_intermediate_size=32)   # 4 experts, top 2
 # DeepSeek's multi-head latent attention: q and k are [nope | rope] (8 + 8 = d_head; its config's head_dim is the rope part), v is d_head; layer 0 dense, then MoE
 _MLA = dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, head_dim=8, qk_nope_head_dim=8, v_head_dim=16, first_k_dense_replace=1, n_shared_experts=1)

@@ -131,8 +131,19 @@ def check_block_algebra(model, c, atol):
         logits = logits * getattr(model.config.get_text_config(), "logit_scale", 1.0)      # Cohere multiplies them
         assert maxdiff(logits, c.logits) <= atol
 
+def alibi_bias(model, n_keys, scaling=1.0):
+    "ALiBi's bias `[head k_pos]` (0 without ALiBi) from transformers' own slopes: slope * key position (Press et al. 2022, eq. 1); unpadded rows"
+    c, d = model.config, model_dims(model)
+    if c.model_type == "bloom":   # once, unscaled
+        from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+        return _get_alibi_slopes(d.n_heads, "cpu").double()[:, None] * torch.arange(n_keys)
+    if not getattr(c, "alibi", False): return 0.
+    from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+    a = build_alibi_tensor(torch.ones(1, n_keys, dtype=torch.long), d.n_heads, torch.float32)[:, 0].double()
+    return 2 * a * scaling   # Falcon's eager path: (q.k + a) * s + a * s (the mask it folded alibi into): the slope counts twice
+
 def check_attention_float64(model, c, atol=1e-5):
-    "scores = q.k * scale (+ softcap), pattern = softmax(scores), z = pattern @ v, recomputed in float64"
+    "scores = q.k * scale (+ ALiBi) (+ softcap), pattern = softmax(scores), z = pattern @ v, recomputed in float64"
     d = model_dims(model)
     rep = d.n_heads // d.n_kv_heads
     qk, kk = post_rotary_kind(model, "q"), post_rotary_kind(model, "k")   # what attention scores with: after rotary
@@ -145,7 +156,9 @@ def check_attention_float64(model, c, atol=1e-5):
         q = c[qk, l].double().transpose(1, 2)
         k = c[kk, l].double().transpose(1, 2).repeat_interleave(rep, 1)
         v = c["v", l].double().transpose(1, 2).repeat_interleave(rep, 1)
-        s = q @ k.transpose(-1, -2) * scalings.get(l, getattr(attn, "scaling", d.d_head ** -0.5))   # OPT scales q itself and passes 1.0
+        sc_ = scalings.get(l, getattr(attn, "scaling", d.d_head ** -0.5))   # OPT scales q itself and passes 1.0
+        b = alibi_bias(model, k.shape[-2], sc_)
+        s = q @ k.transpose(-1, -2) * sc_ + (b[:, None, :] if torch.is_tensor(b) else b)   # Bloom, Falcon with alibi: a bias per head and key
         cap = getattr(attn, "attn_logit_softcapping", None)
         if cap: s = torch.tanh(s / cap) * cap
         sc = c["attn_scores", l]
@@ -250,7 +263,8 @@ def check_result(model, c, atol):
                 assert maxdiff(r[:, :, h], proj(zh.flatten(-2)) - b) <= atol, (l, h)
             o = proj(z.flatten(-2))
             assert maxdiff(r.sum(-2) + b, o) <= atol, l
-            if sp.attn_out in (sp.attn, sp.out_proj): assert maxdiff(r.sum(-2) + b, c["attn_out", l]) <= atol, l   # no norm after attention
+            if sp.attn_out in (sp.attn, sp.out_proj) or get_module(blk, sp.attn_out) is proj:   # no norm (or LayerScale) after attention; Bloom: attn_out is the projection
+                assert maxdiff(r.sum(-2) + b, c["attn_out", l]) <= atol, l
 
 def check_result_edits(model, ids, atol, layers=None):
     "zeroing head h's write equals zeroing its z, and changes the logits"

@@ -36,6 +36,8 @@ NOTES = {   # what the numbers do not say; the structural notes are generated fr
     "gptj": "partial rotary (`rotary_dim`)", "stablelm": "partial rotary", "phi": "partial rotary",
     "gpt_bigcode": "multi-query attention: one key/value head",
     "deepseek_v2": "MLA: `hook_q` is `q_b_proj`'s output, [nope | rope] per head; no `hook_k` (keys are rebuilt from a shared latent: `hook_rot_k`, `hook_v` are per head)",
+    "bloom": "ALiBi: no positions, each head's slope * key position is in `hook_attn_scores`; a LayerNorm over the embeddings before block 0; "
+             "`hook_attn_out`/`hook_mlp_out` are `self_attention.dense`/`mlp.dense_4h_to_h`'s outputs (the residual is added inside the modules); eager attention only",
     "bert": "segment embeddings: `hook_token_type_embed`",
     "roberta": "positions numbered from the pad id + 1, per row",
     "distilbert": "`hook_attn_out` is `out_lin`'s output, inside the attention module",
@@ -48,11 +50,7 @@ NOTES = {   # what the numbers do not say; the structural notes are generated fr
 
 # families headscope refuses on a tiny config of their own: model_type -> config keywords
 REFUSED = {
-    "bloom": dict(n_layer=2, hidden_size=64, n_head=4),
-    "falcon": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4),
-    "gpt_neo": dict(num_layers=2, hidden_size=64, num_heads=4, attention_types=[[["global", "local"], 1]]),
     "codegen": dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8),
-    "opt": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64),
     "gpt_oss": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                     intermediate_size=64, num_local_experts=4, num_experts_per_tok=2),
 }
@@ -74,7 +72,7 @@ def _notes(m, arch)->str:
     if not sp.rotary: out.append("no rotary: no `hook_rot_q`/`hook_rot_k`")
     if d.parallel: out.append("one norm feeds attention and MLP: no `ln2`, `hook_attn_in`, `hook_mlp_in`" if sp.ln2 is None and sp.ln1
                               else "parallel attention and MLP: no `hook_resid_mid`")
-    if sp.attn_out not in (sp.attn, sp.out_proj) and "scale" not in sp.attn_out: out.append("norms after sublayers: `hook_attn_out`/`hook_mlp_out` are their outputs")
+    if sp.sublayer_norm: out.append("norms after sublayers: `hook_attn_out`/`hook_mlp_out` are their outputs")
     if sp.ln1 is None: out.append("no pre-norms: no `ln1`/`ln2` points")
     if sp.qkv_fused: out.append(f"fused qkv ({sp.qkv_fused}): `hook_q`/`hook_k` are its slices")
     if sp.fused_gate_up: out.append("fused `gate_up_proj`: `hook_pre`/`hook_pre_linear` are its halves")

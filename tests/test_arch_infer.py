@@ -68,11 +68,12 @@ def test_validation_catches_a_wrong_fused_layout():
     assert_no_hooks(m, before)
 
 @pytest.mark.parametrize("mt, kw, why", [
-    ("bloom", dict(n_layer=2, hidden_size=64, n_head=4), "BloomAttention computes attention in its own code"),
+    ("bloom", dict(n_layer=2, hidden_size=64, n_head=4), "BloomAttention computes attention in its own code"),   # its table and port hook it
     ("codegen", dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8), r"hook_q \(from attn.qkv_proj\) is not, at position 0"),
 ])
 def test_refusals_name_the_part(mt, kw, why):
     m = _build(mt, **kw)
+    if mt in ARCH_SPECS: m.config.model_type = mt = f"{mt}_like"   # the same code under a name without a table: inference alone refuses it
     before = _state(m)
     with pytest.raises(UnsupportedArchitectureError, match=why) as e:
         arch_spec(m)
@@ -104,3 +105,12 @@ def test_a_block_without_attention_is_named():
             self.emb, self.layers = nn.Embedding(10, 8), nn.ModuleList([Blk(), Blk()])
     with pytest.raises(UnsupportedArchitectureError, match=r"no attention module in Blk \(children: mlp, norm\)"):
         arch_spec(Toy())
+
+def test_inferred_sublayer_norms_set_the_flag():
+    "`sublayer_norm` comes from the trace: norms reading both sublayers' outputs (Gemma 2, EXAONE 4) set it, Llama's do not"
+    assert infer_spec(tiny_model("gemma2")).sublayer_norm and infer_spec(tiny_model("exaone4")).sublayer_norm
+    assert not infer_spec(tiny_model("llama")).sublayer_norm and not infer_spec(tiny_model("phi")).sublayer_norm
+    m = tiny_model("gemma2")
+    m.config.model_type = "gemma2_half"                  # no table: inferred
+    for b in m.model.layers: b.post_feedforward_layernorm = nn.Identity()   # a norm after attention only
+    with pytest.raises(UnsupportedArchitectureError, match="follows only one sublayer"): infer_spec(m)

@@ -109,3 +109,105 @@ def test_attention_views_draw_full_patterns():
     toks = [str(i) for i in range(P.shape[-1])]
     svg = pattern_svg(toks, P[0, 0])
     assert f"{toks[0]} → {toks[-1]}" in svg                                 # a key after its query is drawn
+
+def _observed_pattern(q, k, mask, scaling, causal_if_none=True):
+    "softmax(q.k * scale + mask) in float64, in plain torch: what an observer reads from what `observe=` hands it (None: causal)"
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    s = q.double() @ k.double().transpose(-1, -2) * scaling
+    if mask is None:
+        if causal_if_none: s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    elif mask.dtype == torch.bool: s = s.masked_fill(~mask[..., :k.shape[-2]], float("-inf"))
+    else: s = s + mask[..., :k.shape[-2]].double()
+    return torch.softmax(s, -1)
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ENCODER_ARCHS)
+def test_observers_and_patterns_get_the_full_mask(arch, impl):
+    """A non-causal module's observers get its full (padding-only) mask, never a causal one: the pattern they rebuild, and
+    `hook_pattern`, equal HF's eager attention probabilities (output_attentions), unpadded and padded, eager and SDPA models"""
+    m, ref = tiny_model(arch, attn_implementation=impl), tiny_model(arch, attn_implementation="eager")   # the same seed: the same weights
+    L = len(get_module(m, arch_spec(m).layers))
+    long = "the quick brown fox jumps"   # longer than ModernBERT's local window (8): its local layers mask far keys
+    for x in (to_inputs(m, [long, long[::-1]]), to_inputs(m, [long, "dogs run"])):
+        with torch.no_grad(): att = ref(**x, output_attentions=True).attentions
+        seen = {}
+        obs = {l: (lambda mod, q, k, v, mask, kw, l=l: seen.__setitem__(l, _observed_pattern(q, k, mask, kw.get("scaling", q.shape[-1] ** -0.5))))
+               for l in range(L)}
+        with torch.no_grad(), hooks(m, observe=obs): m(**x)
+        c = run_with_cache(m, x, names="blocks.*.attn.hook_pattern")
+        real = x["attention_mask"].bool()[:, :, None]                       # [batch pos 1]: rows of real queries
+        for l, a in enumerate(att):
+            a = a.double().masked_fill(~real[:, None], 0)                    # padded queries: whatever each kernel gives them
+            assert maxdiff(seen[l].masked_fill(~real[:, None], 0), a) <= 1e-5, (l, "observer")   # float64 against eager's float32
+            tol = 1e-6 if impl == "eager" else 1e-5                                # SDPA's layer 0 rounds otherwise, so layer 1's q and k do
+            assert maxdiff(c["pattern", l].masked_fill(~real[:, None], 0), a) <= tol, (l, "hook_pattern")
+            assert (a[0, :, 0, 1] > 0).all(), l                                  # query 0 sees the key after it: not causal
+        assert_no_hooks(m)
+
+def test_pattern_scores_on_an_encoder_read_full_rows():
+    "`pattern_scores` (observers and the stats kernel) on BERT equals the same scores from HF's eager attention probabilities"
+    from headscope.heads.patterns import pattern_scores, PATTERN_SCORES
+    from headscope.heads.stats import stats_from_pattern
+    m, ref = tiny_model("bert"), tiny_model("bert", attn_implementation="eager")
+    text = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    rep = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(1)).repeat(1, 2)
+    got = pattern_scores(m, text, rep, progress=False)
+    with torch.no_grad(): att = ref(text, output_attentions=True).attentions
+    i = torch.arange(12)
+    for l, a in enumerate(att):
+        st = stats_from_pattern(a.double())
+        assert torch.equal(st.n_keys, torch.full_like(st.n_keys, 12.))     # every query reads all 12 keys
+        assert maxdiff(got["sink"][l], st.sink[:, :, i >= 1].mean((0, 2))) <= 1e-5, l
+        assert maxdiff(got["entropy"][l], (st.entropy / st.n_keys.log())[:, :, i >= 1].mean((0, 2))) <= 1e-5, l
+        assert maxdiff(got["distance"][l], st.distance[:, :, i >= 1].mean((0, 2))) <= 1e-4, l
+    assert set(got) == set(PATTERN_SCORES)
+
+# the output projections and down projections by their Hugging Face names (block-relative), written out independently of the specs
+OUT_PROJ = {"bert": ("attention.output.dense", "output.dense"), "roberta": ("attention.output.dense", "output.dense"),
+            "distilbert": ("attention.out_lin", "ffn.lin2"), "modernbert": ("attn.Wo", "mlp.Wo")}
+
+@pytest.mark.parametrize("arch", ENCODER_ARCHS)
+def test_rank1_edits_on_an_encoder(arch):
+    "probes.edit on encoders: a head's and an MLP's rank-1 edit, in the weights and as hooks, equal a copy edited by hand"
+    import copy
+    from headscope.probes.edit import rank1_edit, WeightEdit
+    m = tiny_model(arch, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    r = lambda n: torch.randn(n, generator=g, dtype=torch.float64)
+    e = WeightEdit(m, ["L1H2", "MLP0"], [r(64), r(64)], [r(16), r(256)], [0.5, -0.7])
+    x = to_inputs(m, TEXTS)
+    m2 = copy.deepcopy(m)
+    (attn_p, mlp_p), bl = OUT_PROJ[arch], get_module(m2, arch_spec(m2).layers)
+    with torch.no_grad():
+        get_module(bl[1], attn_p).weight[:, 32:48] += 0.5 * torch.outer(e.u[0], e.k[0])   # nn.Linear [out in]: head 2's 16 input columns
+        get_module(bl[0], mlp_p).weight.add_(-0.7 * torch.outer(e.u[1], e.k[1]))
+        ref, plain = m2(**x).logits, m(**x).logits
+        with e.applied(m): lw = m(**x).logits
+        with hooks(m, e.hooks(m)): lh = m(**x).logits
+    assert maxdiff(lw, ref) <= 1e-10 and maxdiff(lh, ref) <= 1e-10 and maxdiff(ref, plain) > 1e-3
+    assert torch.equal(m(**x).logits, plain)                                  # undone exactly
+    assert_no_hooks(m)
+
+def test_component_attribution_on_bert():
+    "a head's score `<z_mean W_O^h, v_hat>` on BERT, from `attention.output.dense`'s weight and cached z (it used to find no output projection)"
+    from headscope.probes.edit import component_attribution, steer_to_edit
+    from headscope.probes.steering import diff_in_means
+    m = tiny_model("bert", dtype=torch.float64)
+    pos, neg = ["the cat sat down", "a good dog ran"], ["the bad rat sat", "a sad hog ran off"]
+    v = diff_in_means(m, pos, neg, layers=[0, 1], progress=False)
+    at = component_attribution(m, v, pos, neg, progress=False)
+    vh = (v1 := v.vectors[1].double()) / v1.norm()
+    W = m.bert.encoder.layer[1].attention.output.dense.weight.double()[:, 16:32]   # head 1: [d_model d_head]
+    zs = [run_with_cache(m, to_inputs(m, p), names=["blocks.1.attn.hook_z"])["blocks.1.attn.hook_z"][0, 1:, 1] for p in pos + neg]
+    zp, zn = torch.cat(zs[:2]).mean(0), torch.cat(zs[2:]).mean(0)
+    assert abs(at.score("L1H1") - float(W.detach() @ ((zp + zn) / 2) @ vh)) <= 1e-9
+    assert len(steer_to_edit(m, at, m=2)) == 2
+
+def test_post_ln_refusals_name_it():
+    "BERT's `attn_out` (its output dense) is no norm, but its post-LN blocks still keep it from edge attribution and attribution graphs"
+    from headscope.causal.attribution import _check_sequential
+    from headscope.sae.graph import _check_model
+    m = tiny_model("bert")
+    assert not arch_spec(m).sublayer_norm
+    with pytest.raises(ValueError, match="post-LN blocks"): _check_sequential(m)
+    with pytest.raises(NotImplementedError, match="post-LN blocks"): _check_model(m)

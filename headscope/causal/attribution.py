@@ -126,10 +126,11 @@ def attribution_patching(model:nn.Module,
 # %% ../../nbs/22_causal.attribution.ipynb #9a16f152
 def _check_sequential(model):
     spec, d = arch_spec(model), model_dims(model)
-    if d.parallel or spec.attn_out != spec.attn or spec.mlp_out != spec.mlp or spec.ln1 is None or spec.ln2 is None:
+    if d.parallel or spec.sublayer_norm or spec.post_ln or spec.ln1 is None or spec.ln2 is None:
         raise ValueError(f"Edge attribution patching needs a sequential pre-norm model (attention, then MLP, each behind its own norm "
                          f"and added straight to the residual stream), like Llama, Mistral, Qwen2 or GPT-2; "
                          f"{model.config.model_type} has " + ("parallel attention and MLP." if d.parallel else
+                         "post-LN blocks (a norm after each residual sum)." if spec.post_ln else
                          "norms after its sublayers (sandwich norms)." if spec.ln1 and spec.ln2 else "no norm in front of its sublayers."))
 
 def eap_nodes(n_layers:int, n_heads:int)->list:

@@ -82,7 +82,7 @@ class _Engine:
             if isinstance(b, Tensor): new[B:] += b.to(o)          # a norm's bias belongs to irrel
             return new
         pattern = lambda act, hook: act[:B].repeat(1 + K, *[1] * (act.ndim - 1))
-        paths = sorted({sp.ln1, sp.ln2, sp.attn_out if sp.attn_out != sp.attn else None, sp.mlp_out if sp.mlp_out != sp.mlp else None} - {None})
+        paths = sorted({sp.ln1, sp.ln2, *((sp.attn_out, sp.mlp_out) if sp.sublayer_norm else ())} - {None})   # every norm, frozen
         raw = [(get_module(self.blks[l], p), norm) for l in range(start, len(self.blks)) for p in paths]
         return raw, [(f"blocks.{l}.attn.hook_pattern", pattern) for l in range(start, len(self.blks))]
 
@@ -180,7 +180,7 @@ def _direct(model, l:int, z:Tensor, z_full:Tensor, fin:Tensor, d:Tensor)->Tensor
     "`[rows head]` each head's write `z W_O` of layer `l` (last position) through the frozen post-attention and final norms, dotted with `d`"
     sp, (W, b) = arch_spec(model), head_out_weights(model, l)
     W = W.detach().to(z); w = torch.einsum("rhd,hdm->rhm", z, W)
-    if sp.attn_out != sp.attn:                                       # Gemma 2/3, OLMo 2: a norm after o_proj, frozen at the real output
+    if sp.sublayer_norm:                                             # Gemma 2/3, OLMo 2: a norm after o_proj, frozen at the real output
         o = torch.einsum("rhd,hdm->rm", z_full, W) + (b.to(z) if b is not None else 0)
         w = _normalise(get_module(blocks(model)[l], sp.attn_out), o[:, None], w, True)
     return (_normalise(get_module(model, sp.ln_final), fin[:, None], w, True).double() * d[:, None]).sum(-1)

@@ -9,10 +9,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 import torch
 from torch import nn, Tensor
-from ..arch import arch_spec, model_dims, blocks, get_module, head_out_weights, check_layers, _out_proj
+from ..arch import arch_spec, model_dims, blocks, get_module, head_out_weights, check_layers, _layer_out_proj
 from ..dispatch import module_tensor, MetaWeightError
 from ..tokens import to_inputs
-from ..hooking import hooks
+from ..hooking import hooks, forward
 from ..results import ScoreGrid
 from ..causal.ablation import component, _parse
 from .steering import SteeringVector, _number, _prompts, _check_vector
@@ -33,7 +33,7 @@ def _component(model:nn.Module, name)->tuple:
 def _w_out(model:nn.Module, c:tuple, write:bool=False)->Tensor:
     "The output matrix `[d_in d_model]` of component `c` (TransformerLens' side): a view of the real weight, so in-place writes edit the model"
     (kind, l, h), blk, sp = c, blocks(model)[c[1]], arch_spec(model)
-    mod = _out_proj(get_module(blk, sp.attn)) if kind == "head" else get_module(blk, sp.mlp_down)
+    mod = _layer_out_proj(model, l) if kind == "head" else get_module(blk, sp.mlp_down)   # BERT's sits outside its attention module
     if write and mod.weight.device.type == "meta": raise MetaWeightError(   # accelerate offloaded it: a write into a loaded copy would be lost
         f"{f'L{l}H{h}' if kind == 'head' else f'MLP{l}'}'s weights are offloaded by accelerate (CPU or disk), so an edit written into them would not reach "
         "the model. Attach `edit.hooks(model)` instead (the same change, on the activations), or apply the edit to a model loaded without offload.")
@@ -87,8 +87,8 @@ def _mean_inputs(model, prompts, layers, batch_size, progress)->dict:
     names = [f"blocks.{l}.{s}" for l in layers for s in ("attn.hook_z", "mlp.hook_post")]
     from tqdm.auto import tqdm
     for i in tqdm(range(0, len(prompts), batch_size), desc="batches", leave=False, disable=not progress or len(prompts) <= 2 * batch_size):
-        x = to_inputs(model, prompts[i:i + batch_size], padding_side="left")
-        with hooks(model, [(nm, keep(nm)) for nm in names]), torch.no_grad(): model(**x)
+        x = to_inputs(model, prompts[i:i + batch_size], padding_side="right" if arch_spec(model).head else "left")   # encoders number positions from 0 on
+        with hooks(model, [(nm, keep(nm)) for nm in names]), torch.no_grad(): forward(model, x)   # positions of real tokens, as unpadded
         n[0] += int(x.get("attention_mask", torch.ones_like(x["input_ids"])).sum()) - len(x["input_ids"])
     if not n[0]: raise ValueError("Every prompt is one token long; the mean input skips the first token, so give prompts of two or more tokens.")
     return {k: v.cpu() / n[0] for k, v in sums.items()}
@@ -188,7 +188,7 @@ class WeightEdit:
         "`[(name, fn)]` adding `lam (x . k) u` to each component's write as the weight edit would (read `attn.hook_z`/`mlp.hook_post`, write `attn.hook_result`/`hook_mlp_out`)"
         self._check(model)
         cs, store = [_component(model, c) for c in self.components], {}
-        if any(kind == "mlp" for kind, _, _ in cs) and arch_spec(model).mlp_out != arch_spec(model).mlp:
+        if any(kind == "mlp" for kind, _, _ in cs) and arch_spec(model).sublayer_norm:
             raise ValueError("In this architecture the MLP's output is normalised before `hook_mlp_out`, so a hook cannot add the down-projection's edit; "
                              "write it into the weights with `apply()` or `applied()`.")
         def read(key): return lambda act, hook: store.__setitem__(key, act)

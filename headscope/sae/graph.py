@@ -119,9 +119,10 @@ class AttributionGraph(ScoreGrid):
 # %% ../../nbs/47b_sae.graph.ipynb #c90af824
 def _check_model(model:nn.Module):
     sp = arch_spec(model)
-    if sp.attn_out != sp.attn or sp.ln1 is None or sp.ln2 is None:
+    if sp.sublayer_norm or sp.post_ln or sp.ln1 is None or sp.ln2 is None:
+        why = "post-LN blocks (BERT), whose norms follow the residual sums" if sp.post_ln else "norms after its sublayers (Gemma 2/3, OLMo 2)"
         raise NotImplementedError(f"{model.config.model_type}: the replacement model freezes the norms in front of attention and the MLP; "
-                                  "this architecture normalises the attention output too (Gemma 2/3, OLMo 2), which is not frozen yet. "
+                                  f"this architecture has {why}, which are not frozen yet. "
                                   "Supported: llama, mistral, qwen2, qwen3, gemma, phi3, gpt2, gpt_neox.")
 
 def _check_transcoders(model:nn.Module, transcoders)->dict:

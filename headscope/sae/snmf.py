@@ -227,7 +227,7 @@ def component_direction(model:nn.Module, s:SNMF,
     if s.layer is not None and l != s.layer: raise ValueError(f"The SNMF was fit at layer {s.layer}, not {l}.")
     if not isinstance(i, numbers.Integral) or not 0 <= i < s.k: raise ValueError(f"Feature {i!r} does not exist: the SNMF has features 0..{s.k - 1}.")
     sp, d = arch_spec(model), model_dims(model)
-    if sp.mlp_out != sp.mlp: raise ValueError(f"{model.config.model_type} normalises the MLP output ({sp.mlp_out}) before the residual stream: a feature has no linear write there.")
+    if sp.sublayer_norm: raise ValueError(f"{model.config.model_type} normalises the MLP output ({sp.mlp_out}) before the residual stream: a feature has no linear write there.")
     if s.Z.shape[0] != d.d_mlp: raise ValueError(f"The SNMF has {s.Z.shape[0]} neurons per feature, but the model's d_mlp is {d.d_mlp}.")
     W = _cols(get_module(blocks(model)[l], sp.mlp_down))                      # [d_mlp d_model]
     return (s.Z[:, int(i)].to(W) @ W).float().cpu()

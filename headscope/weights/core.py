@@ -214,7 +214,7 @@ def _fold_notes(self)->list[str]:
                                                     "folded reading weights are centred over d_model, as TransformerLens' fold_ln does.")
     if sp.ln1 is None: notes.append("No norm before attention or the MLP (OLMo 2): W_Q, W_K, W_V, W_in and W_gate read the residual "
                                     "stream itself; there is nothing to fold into them.")
-    if sp.attn_out != sp.attn: notes.append(f"Sublayer outputs are normalised (`{sp.attn_out}` after attention, `{sp.mlp_out}` after the "
+    if sp.sublayer_norm: notes.append(f"Sublayer outputs are normalised (`{sp.attn_out}` after attention, `{sp.mlp_out}` after the "
                                             "MLP): W_O, OV and W_out write into that norm, not into the residual stream, and its "
                                             "input-dependent scale cannot be folded into them.")
     if hasattr(attn, "q_norm"):
