@@ -7,14 +7,14 @@ an HTML copy past `--max-output-kb` (a 270-head view) becomes a one-line note, a
 pass `--max-kb` is refused. Runs each notebook from its own folder, with
 TRITON_INTERPRET=1 and one torch thread per process, as `make test` does.
 
-    python tests/store_outputs.py nbs/tutorials nbs/course [--max-kb 600] [--max-output-kb 250]
+    python tests/store_outputs.py nbs/tutorials nbs/course [--max-kb 600] [--max-output-kb 120]
 """
 import argparse, json, os, sys, time
 from pathlib import Path
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
-def static_outputs(outputs:list, max_output_kb:float=250)->list:
+def static_outputs(outputs:list, max_output_kb:float=120)->list:
     "Outputs without live widget views; an HTML copy over `max_output_kb` replaced by a note; an output left with no data dropped"
     kept = []
     for o in outputs:
@@ -31,7 +31,7 @@ def static_outputs(outputs:list, max_output_kb:float=250)->list:
 
 def outputs_kb(nb)->float: return sum(len(json.dumps(c.get("outputs", []))) for c in nb["cells"] if c["cell_type"] == "code") / 1024
 
-def store(path:Path, max_kb:float, max_output_kb:float=250)->float:
+def store(path:Path, max_kb:float, max_output_kb:float=120)->float:
     from execnb.nbio import read_nb, write_nb
     from execnb.shell import CaptureShell
     nb = read_nb(path)
@@ -54,7 +54,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("paths", nargs="+", help="notebooks or folders")
     ap.add_argument("--max-kb", type=float, default=600, help="largest outputs a notebook may keep (default 600 kB)")
-    ap.add_argument("--max-output-kb", type=float, default=250, help="an HTML output over this is stored as a note (default 250 kB)")
+    ap.add_argument("--max-output-kb", type=float, default=120, help="an HTML output over this is stored as a note (default 120 kB)")
     a = ap.parse_args()
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch; torch.set_num_threads(1)
