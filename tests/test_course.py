@@ -7,7 +7,7 @@ from pathlib import Path
 import nbformat, pytest
 import test_tutorials as tt
 from headscope.course.core import CHAPTERS, load_chapters
-from headscope.course.export import course_notebook, notebook_report, is_solution_cell, chapter_of
+from headscope.course.export import course_notebook, notebook_report, is_solution_cell, is_hint_cell, chapter_of
 
 ROOT = Path(__file__).parents[1]
 COURSE = ROOT / "nbs" / "course"
@@ -53,7 +53,7 @@ def test_chapter_shape(path):
     tt.test_kernelspec(path)
 
 def _run(path, tmp_path, student):
-    nb = course_notebook(nbformat.read(path, as_version=4), student=student)
+    nb = course_notebook(nbformat.read(path, as_version=4), student=student, chapter=chapter_of(path))
     nbformat.write(nb, tmp_path / path.name)
     return notebook_report(tmp_path / path.name, timeout=600)
 
@@ -70,6 +70,9 @@ def test_student_version_fails_kindly(path, tmp_path):
     "Nothing is solved: every check fails with 'not written yet' / 'no answer yet', and no cell crashes"
     stu = course_notebook(nbformat.read(path, as_version=4), student=True)
     assert not any("### BEGIN SOLUTION" in c.source or is_solution_cell(c) for c in stu.cells)
+    stu = course_notebook(nbformat.read(path, as_version=4), student=True, chapter=chapter_of(path))
+    n_hints = sum(map(is_hint_cell, stu.cells))
+    assert n_hints >= len(_exercises(chapter_of(path))), f"{path.name} (student): {n_hints} hints for {len(_exercises(chapter_of(path)))} exercises"
     rows, errors = _run(path, tmp_path, student=True)
     assert not errors, f"{path.name} (student): cells raised: {errors}"
     assert len(rows) == len(_exercises(chapter_of(path)))

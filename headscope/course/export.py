@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 
 # %% auto #0
-__all__ = ['strip_solutions', 'is_solution_cell', 'course_dir', 'course_notebook', 'export_course', 'chapter_of',
+__all__ = ['strip_solutions', 'is_solution_cell', 'course_dir', 'is_hint_cell', 'course_notebook', 'export_course', 'chapter_of',
            'notebook_report', 'notebook_status', 'course_status', 'status_csv']
 
 # %% ../../nbs/73_course.export.ipynb #7017727f
@@ -46,11 +46,27 @@ def course_dir()->Path:
     if not d.is_dir(): raise FileNotFoundError(f"no course notebooks at {d}: pass src= (--src), the nbs/course folder of a headscope checkout")
     return d
 
-def course_notebook(nb, student:bool, reveal:bool=False):
-    "The student or instructor version of a course notebook (an `nbformat` node; a copy); `reveal` keeps the collapsed solutions for self-study"
+def is_hint_cell(cell)->bool: return cell.cell_type == "markdown" and cell.source.lstrip().lower().startswith("<details><summary>hint")
+
+def _with_hints(cells:list, chapter:int)->list:
+    "A collapsed hint (the check's own hint text) before each exercise's code cell that has none: readable with no kernel"
+    from headscope.course.core import load_chapters
+    exs = [e for e in load_chapters([chapter]).values() if e.chapter == chapter]
+    out = []
+    for c in cells:
+        if c.cell_type == "code":
+            ex = next((e for e in exs if re.search(rf"^def {e.name}\(" if e.kind == "function" else rf"^\s*{e.name}\s*=", c.source, re.M)), None)
+            if ex is not None and not (out and is_hint_cell(out[-1])):
+                out.append(nbformat.v4.new_markdown_cell(f"<details><summary>Hint</summary>\n\n{ex.hint}\n</details>"))
+        out.append(c)
+    return out
+
+def course_notebook(nb, student:bool, reveal:bool=False, chapter:int|None=None):
+    "The student or instructor version of a course notebook (an `nbformat` node; a copy); `reveal` keeps the collapsed solutions for self-study; `chapter` adds its hints"
     nb = nbformat.from_dict(json.loads(json.dumps(nb)))
     if not student: return nb
     if not reveal: nb.cells = [c for c in nb.cells if not is_solution_cell(c)]
+    if chapter is not None: nb.cells = _with_hints(nb.cells, chapter)
     for c in nb.cells:
         if c.cell_type == "code": c.source, c.outputs, c.execution_count = strip_solutions(c.source), [], None
     nb.metadata.pop("widgets", None)
@@ -72,7 +88,7 @@ def export_course(dest,                  # folder to write the notebooks to (cre
     dest.mkdir(parents=True, exist_ok=True)
     out = []
     for p in nbs:
-        nbformat.write(course_notebook(nbformat.read(p, as_version=4), student, reveal), dest/p.name)
+        nbformat.write(course_notebook(nbformat.read(p, as_version=4), student, reveal, chapter_of(p)), dest/p.name)
         out.append(dest/p.name)
     return out
 
