@@ -18,9 +18,8 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 def _exercises(n): return [e for e in load_chapters([n]).values() if e.chapter == n]
 
 def test_eight_chapters_with_their_checks():
-    test_eq = lambda a, b: (a == b) or pytest.fail(f"{a} != {b}")
-    test_eq(sorted(CHAPTERS), list(range(1, 9)))
-    test_eq([chapter_of(p) for p in CHAPTER_NBS], list(range(1, 9)))
+    assert sorted(CHAPTERS) == list(range(1, 9))
+    assert [chapter_of(p) for p in CHAPTER_NBS] == list(range(1, 9)), [p.name for p in CHAPTER_NBS]
     names = []
     for n in CHAPTERS:
         exs = _exercises(n)

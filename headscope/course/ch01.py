@@ -4,27 +4,21 @@
 
 # %% ../../nbs/74_course.ch01.ipynb #f578c525
 from __future__ import annotations
-import functools, random
+import random
 import torch
-from .core import exercise, quiz_question, compare, call, Mismatch
+from .core import exercise, quiz_question, compare, call, Mismatch, tiny_models
 
 # %% auto #0
 __all__ = []
 
 # %% ../../nbs/74_course.ch01.ipynb #a7e9360a
-@functools.cache
-def _models()->tuple:
-    "Two tiny random models of different architectures (GPT-2: learned positions; Llama: rotary, GQA), built once"
-    from headscope.models import tiny_model
-    return (("tiny gpt2", tiny_model("gpt2", seed=1, n_layers=2)), ("tiny llama", tiny_model("llama", seed=2, n_layers=3)))
-
 def _prompts(seed:int, n:int=3)->list[str]:
     r = random.Random(seed)
     return ["".join(r.choice("abcde ") for _ in range(r.randint(4, 9))).strip() or "abc" for _ in range(n)]
 
 def _cases(seed:int):
     "(description, model, prompt) for each tiny model and a few random prompts"
-    for name, m in _models():
+    for name, m in tiny_models():
         for p in _prompts(seed + len(name)): yield f"{name}, prompt {p!r}", m, p
 
 # %% ../../nbs/74_course.ch01.ipynb #2b203762

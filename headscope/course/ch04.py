@@ -6,7 +6,7 @@
 from __future__ import annotations
 import functools, random
 import torch
-from .core import exercise, quiz_question, compare, call, Mismatch
+from .core import exercise, quiz_question, compare, call, Mismatch, as_number
 
 # %% auto #0
 __all__ = []
@@ -36,12 +36,6 @@ def _dense(x, what:str):
     "A student's matrix as a tensor: a FactoredMatrix is multiplied out"
     from headscope.weights.factored import FactoredMatrix
     return x.AB if isinstance(x, FactoredMatrix) else x
-
-def _number(x, what:str):
-    "A student's score as a 0-d tensor (a float, a 0-d or 1-element tensor); complex values are refused"
-    if torch.is_tensor(x) and x.is_complex(): raise Mismatch(f"on {what}: got a complex number {x}; a score is real (take .real of the eigenvalues' sums)")
-    try: return torch.as_tensor(x, dtype=torch.float64).reshape(())
-    except Exception: raise Mismatch(f"on {what}: expected one number, got {type(x).__name__}") from None
 
 # %% ../../nbs/77_course.ch04.ipynb #7ba2167b
 @exercise("4.1", "ov_matrix", "a head's OV circuit",
@@ -85,7 +79,7 @@ def _copying_score(fn):
     n = 0
     for what, m, l, h in _heads(44, n=3):
         exp = copying_scores(m).scores[l, h]
-        compare(exp, _number(call(fn, m, l, h, what=what), what), what, atol=1e-6); n += 1
+        compare(exp, as_number(call(fn, m, l, h, what=what), what), what, atol=1e-6); n += 1
     return n
 
 @exercise("4.5", "copied_tokens", "the tokens a head copies",
@@ -109,7 +103,7 @@ def _composition_score(fn):
             l1, h1 = r.randrange(l2), r.randrange(m.config.num_attention_heads)
             exp = composition_scores(m, kind, layers=l2, progress=False).scores[l1, h1, l2, h2]
             w = f"tiny {what.split(',')[0].split()[-1]}, writer L{l1}H{h1}, reader L{l2}H{h2}, {kind}-composition"
-            compare(exp, _number(call(fn, m, (l1, h1), (l2, h2), kind, what=w), w), w, atol=1e-6); n += 1
+            compare(exp, as_number(call(fn, m, (l1, h1), (l2, h2), kind, what=w), w), w, atol=1e-6); n += 1
     return n
 
 # %% ../../nbs/77_course.ch04.ipynb #32417ccb

@@ -6,24 +6,17 @@
 from __future__ import annotations
 import functools
 import torch
-from .core import exercise, quiz_question, compare, call, Mismatch
+from .core import exercise, quiz_question, compare, call, Mismatch, tiny_models
 
 # %% auto #0
 __all__ = []
 
 # %% ../../nbs/78_course.ch05.ipynb #c3ce05c3
 @functools.cache
-def _models()->tuple:
-    "Two tiny random models of different architectures (GPT-2: learned positions; Llama: rotary, GQA), built once"
-    from headscope.models import tiny_model
-    return (("tiny gpt2", tiny_model("gpt2", seed=1, n_layers=2, initializer_range=0.1)),
-            ("tiny llama", tiny_model("llama", seed=2, n_layers=3, initializer_range=0.1)))
-
-@functools.cache
 def _pair(model_i:int, seed:int, B:int=2, n:int=6)->tuple:
     "(clean, corrupt, correct, wrong): `[B n]` token ids, two positions changed; answers: the clean and the corrupted top tokens"
     from headscope.hooking import run_with_hooks
-    m = _models()[model_i][1]
+    m = tiny_models(0.1)[model_i][1]
     g = torch.Generator().manual_seed(seed)
     clean = torch.randint(3, 250, (B, n), generator=g)
     corrupt = clean.clone()
@@ -36,7 +29,7 @@ def _pair(model_i:int, seed:int, B:int=2, n:int=6)->tuple:
 def _cases(seed:int, n_seeds:int=2):
     "(description, model, clean, corrupt, correct, wrong, metric) for each tiny model and a few random prompt pairs"
     from headscope.data.pairs import PromptPairs
-    for i, (name, m) in enumerate(_models()):
+    for i, (name, m) in enumerate(tiny_models(0.1)):
         for s in range(seed, seed + n_seeds):
             c, k, a, b = _pair(i, s)
             yield f"{name}, random pairs (seed {s}, {c.shape[0]} pairs of {c.shape[1]} tokens)", m, c, k, a, b, PromptPairs(c, k, a, b).logit_diff()

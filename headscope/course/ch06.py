@@ -5,19 +5,13 @@
 # %% ../../nbs/79_course.ch06.ipynb #f18b11db
 from __future__ import annotations
 import torch
-from .core import exercise, quiz_question, compare, call, Mismatch
+from .core import exercise, quiz_question, compare, call, Mismatch, as_number
 from .ch05 import _cases
 
 # %% auto #0
 __all__ = []
 
 # %% ../../nbs/79_course.ch06.ipynb #77641b13
-def _num(got, what:str)->torch.Tensor:
-    "A student's single number as a 0-d tensor (a float, or a tensor holding one value)"
-    try: return torch.as_tensor(float(got))
-    except Exception: raise Mismatch(f"on {what}: expected one number (a float), got {type(got).__name__} "
-                                     f"{list(got.shape) if isinstance(got, torch.Tensor) else repr(got)[:60]}") from None
-
 def _ref_grad(m, prompts, metric, name:str)->torch.Tensor:
     "∂ mean(metric) / ∂ act at `name`, from the corrupted forward `attribution_patching` differentiates"
     from headscope.causal.attribution import frozen_params, _grad_forward
@@ -79,7 +73,7 @@ def _path_to_logits(fn):
     for what, m, c, k, a, b, met in _cases(640):
         L, H = m.config.num_hidden_layers, m.config.num_attention_heads
         for l, h in [(0, 1), (L - 2, H - 1), (0, 2)]:
-            got = _num(call(fn, m, c, k, met, l, h, what=what), what)
+            got = as_number(call(fn, m, c, k, met, l, h, what=what), what)
             compare(_path(m, c, k, met, [(l, h)], "logits"), got, f"{what}, sender L{l}H{h}"); n += 1
     return n
 
@@ -92,7 +86,7 @@ def _path_to_queries(fn):
         L = m.config.num_hidden_layers
         pairs = [((0, 1), (1, 0)), ((0, 3), (1, 2))] + ([((1, 2), (2, 3)), ((0, 0), (2, 1))] if L > 2 else [((0, 2), (1, 3))])
         for s, r in pairs:
-            got = _num(call(fn, m, c, k, met, s, r, what=what), what)
+            got = as_number(call(fn, m, c, k, met, s, r, what=what), what)
             compare(_path(m, c, k, met, [s], [r], "q"), got, f"{what}, sender L{s[0]}H{s[1]} -> receiver L{r[0]}H{r[1]} queries",
                     atol=1e-5); n += 1   # paths into queries are small in a random model
     return n
@@ -113,7 +107,7 @@ def _circuit_metric(fn):
     n = 0
     for what, m, c, k, a, b, met in _cases(660, 1):
         for circ in _circuits(m):
-            got = _num(call(fn, m, c, met, circ, k, what=what), what)
+            got = as_number(call(fn, m, c, met, circ, k, what=what), what)
             compare(torch.tensor(circuit_eval(m, c, met, circ, k).m_circuit), got, f"{what}, circuit {_show(circ)}", atol=1e-4); n += 1
     return n
 
@@ -124,7 +118,7 @@ def _circuit_faithfulness(fn):
     n = 0
     for what, m, c, k, a, b, met in _cases(670, 1):
         for circ in _circuits(m):
-            got = _num(call(fn, m, c, met, circ, k, what=what), what)
+            got = as_number(call(fn, m, c, met, circ, k, what=what), what)
             compare(torch.tensor(circuit_eval(m, c, met, circ, k).faithfulness), got, f"{what}, circuit {_show(circ)}", atol=1e-4); n += 1
     return n
 

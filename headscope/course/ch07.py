@@ -6,18 +6,12 @@
 from __future__ import annotations
 import functools, random
 import torch
-from .core import exercise, quiz_question, compare, call, Mismatch
+from .core import exercise, quiz_question, compare, call, Mismatch, tiny_models
 
 # %% auto #0
 __all__ = []
 
 # %% ../../nbs/79a_course.ch07.ipynb #893c3cab
-@functools.cache
-def _models()->tuple:
-    "Two tiny random models of different architectures (GPT-2: learned positions; Llama: rotary, GQA), built once"
-    from headscope.models import tiny_model
-    return (("tiny gpt2", tiny_model("gpt2", seed=1, n_layers=2)), ("tiny llama", tiny_model("llama", seed=2, n_layers=3)))
-
 @functools.cache
 def _right_padded()->tuple:
     "A tiny GPT-2 whose tokenizer pads on the right, as GPT-2's own tokenizer does in transformers"
@@ -41,7 +35,7 @@ def _vec(seed:int, d:int, norm:float=1.)->torch.Tensor:
 def _last_token_acts(fn):
     from headscope.probes.activations import collect_activations
     n = 0
-    for what, m in (*_models(), _right_padded()):
+    for what, m in (*tiny_models(), _right_padded()):
         for i in range(2):
             ps, l = _prompts(71 + 7 * n), (n + i) % m.config.num_hidden_layers
             exp = collect_activations(m, ps, [f"blocks.{l}.hook_resid_post"], pos=-1, progress=False).acts[0]
@@ -94,7 +88,7 @@ def _fit_probe(fn):
 def _mean_difference(fn):
     from headscope.probes.steering import diff_in_means
     n = 0
-    for what, m in _models():
+    for what, m in tiny_models():
         for i in range(2):
             pos, neg, l = _prompts(21 + n, 3), _prompts(41 + n, 5), (n + 1) % m.config.num_hidden_layers
             exp = diff_in_means(m, pos, neg, layers=[l], progress=False).vectors[l]
@@ -119,7 +113,7 @@ def _steered_logits(fn):
     from headscope.hooking import run_with_hooks
     from headscope.probes.steering import steering_hooks, steering_vector
     n = 0
-    for what, m in _models():
+    for what, m in tiny_models():
         for i, p in enumerate(_prompts(51 + n, 2)):
             l, c = (n + i) % m.config.num_hidden_layers, (3., -2.)[i]
             v = _vec(n, m.config.hidden_size, 2.)
@@ -145,7 +139,7 @@ def _attribute_score(fn):
     from headscope.probes.steering import steering_vector
     from headscope.probes.sweep import steering_sweep
     n = 0
-    for what, m in (*_models(), _right_padded()):
+    for what, m in (*tiny_models(), _right_padded()):
         ps = _prompts(61 + n, 4)
         pw, nw, pi, ni = _words(m, n)
         zero = steering_vector(torch.zeros(m.config.hidden_size), layers=0)
@@ -160,7 +154,7 @@ def _perplexity(fn):
     from headscope.probes.steering import steering_vector, steering_hooks
     from headscope.probes.sweep import steering_sweep
     n = 0
-    for what, m in _models():
+    for what, m in tiny_models():
         for c in (0., 4.):
             text = _prompts(81 + n, 1)[0] + " " + _TEXT
             sv = steering_vector(_vec(90 + n, m.config.hidden_size), layers=n % m.config.num_hidden_layers)
@@ -177,7 +171,7 @@ def _perplexity(fn):
 def _emotion_direction(fn):
     from headscope.probes.steering import diff_in_means
     n = 0
-    for what, m in _models():
+    for what, m in tiny_models():
         for k in (0, 2):
             ps = _prompts(31 + n, 9)
             ys = [i % 3 for i in range(9)]
@@ -192,7 +186,7 @@ def _gacts()->tuple:
     "A G-ACT fitted on each tiny model (three clusters at layers 0 and 1; no refinement), built once"
     from headscope.probes.gact import gact_fit
     return tuple((what, m, gact_fit(m, _prompts(5, 12), "zz ", "a", layers=[0, 1], n_clusters=3, refine_steps=0, progress=False))
-                 for what, m in _models())
+                 for what, m in tiny_models())
 
 _GACT_PROMPTS = ["abc", "e d", "ba", "a a b", "ddd", "cbea", "eeb a"]
 
@@ -217,7 +211,7 @@ def _direction_ablated(fn):
     from headscope.hooking import run_with_hooks
     from headscope.causal.ablation import ablate_direction
     n = 0
-    for what, m in _models():
+    for what, m in tiny_models():
         for i, p in enumerate(_prompts(91 + n, 2)):
             l, d = (n + i) % m.config.num_hidden_layers, _vec(60 + n, m.config.hidden_size, 3.)
             ref = _clean_reference(m)

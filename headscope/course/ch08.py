@@ -6,18 +6,12 @@
 from __future__ import annotations
 import functools
 import torch
-from .core import exercise, quiz_question, compare, call, Mismatch
+from .core import exercise, quiz_question, compare, call, Mismatch, as_number, tiny_models
 
 # %% auto #0
 __all__ = []
 
 # %% ../../nbs/79b_course.ch08.ipynb #d1e49cf5
-@functools.cache
-def _models()->tuple:
-    "Two tiny random models of different architectures (GPT-2: LayerNorm, learned positions; Llama: RMSNorm, rotary), built once"
-    from headscope.models import tiny_model
-    return (("tiny gpt2", tiny_model("gpt2", seed=1, n_layers=2)), ("tiny llama", tiny_model("llama", seed=2, n_layers=3)))
-
 def _sae(arch:str, d_in:int, d_sae:int, seed:int, b_enc:float=0., **kw):
     "A random SAE of `arch` whose biases, thresholds and decoder norms are not the defaults, and whose W_enc is not W_dec.T"
     from headscope.sae.core import make_sae
@@ -38,10 +32,6 @@ def _toks(seed:int, b:int=2, n:int=8)->torch.Tensor:
     t = torch.randint(0, 256, (b, n), generator=torch.Generator().manual_seed(seed)); t[:, 0] = 256
     return t
 
-def _num(v, what:str)->float:
-    "The student's answer as a float (a number or a one-element tensor), or a `Mismatch` saying what came back"
-    try: return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
-    except (TypeError, ValueError, RuntimeError): raise Mismatch(f"on {what}: expected a number, got {type(v).__name__}") from None
 
 def _desc(s, x=None)->str:
     c = s.cfg
@@ -81,7 +71,7 @@ def _l0_and_fvu(fn):
         exp = (float(out["l0"]), float(out["mse"] / (x - x.mean(0)).pow(2).sum(-1).mean()))
         got = call(fn, s, x.clone(), what=_desc(s, x))
         if not (isinstance(got, (tuple, list)) and len(got) == 2): raise Mismatch(f"on {_desc(s, x)}: expected a pair (l0, fvu), got {type(got).__name__}")
-        for name, e, g in zip(("L0", "FVU"), exp, got): compare(e, _num(g, f"{_desc(s, x)}, {name}"), f"{_desc(s, x)}, {name}")
+        for name, e, g in zip(("L0", "FVU"), exp, got): compare(e, as_number(g, f"{_desc(s, x)}, {name}"), f"{_desc(s, x)}, {name}")
         n += 1
     return n
 
@@ -93,13 +83,13 @@ def _relu_sae_loss(fn):
         s = _sae("standard", 16, 32, 40 + i, l1_coeff=c)
         x = _x(50 + i, *shape, 16)
         with torch.no_grad(): exp = s.loss(x)["total"]
-        compare(float(exp), _num(call(fn, s, x.clone(), what=_desc(s, x)), _desc(s, x)), f"{_desc(s, x)}, l1_coeff={c}", rtol=1e-5); n += 1
+        compare(float(exp), as_number(call(fn, s, x.clone(), what=_desc(s, x)), _desc(s, x)), f"{_desc(s, x)}, l1_coeff={c}", rtol=1e-5); n += 1
     return n
 
 # %% ../../nbs/79b_course.ch08.ipynb #683823f6
 def _spliced_cases():
     "(description, model, SAE at a residual or MLP-output hook, tokens)"
-    (g, mg), (l, ml) = _models()
+    (g, mg), (l, ml) = tiny_models()
     yield f"{g}, a TopK SAE on blocks.0.hook_resid_post", mg, _sae("topk", 64, 128, 70, k=8, hook_name="blocks.0.hook_resid_post"), _toks(71, 3, 10)
     yield f"{g}, a ReLU SAE on blocks.1.hook_mlp_out", mg, _sae("standard", 64, 96, 72, hook_name="blocks.1.hook_mlp_out"), _toks(73)
     yield f"{l}, a JumpReLU SAE on blocks.1.hook_resid_post", ml, _sae("jumprelu", 64, 128, 74, hook_name="blocks.1.hook_resid_post"), _toks(75, 2, 9)
@@ -114,7 +104,7 @@ def _spliced_ce(fn):
     for what, m, s, t in _spliced_cases():
         ref = run_with_hooks(m, t)
         exp = evaluate_sae(m, s, t, skip_bos=False, progress=False).ce_spliced
-        compare(exp, _num(call(fn, m, s, t.clone(), what=what), what), f"{what}, tokens of shape {list(t.shape)}", rtol=1e-4)
+        compare(exp, as_number(call(fn, m, s, t.clone(), what=what), what), f"{what}, tokens of shape {list(t.shape)}", rtol=1e-4)
         if not torch.allclose(run_with_hooks(m, t), ref):
             raise Mismatch(f"after spliced_ce on {what}, the model still runs with the SAE in it: attach the hook inside "
                            "`with hooks(...)` (or pass it to run_with_hooks), which removes it when the block ends")
@@ -159,7 +149,7 @@ def _feature_logit_effects(fn):
 def _mlp_in_out(fn):
     from headscope.sae.transcoder import paired_activations
     n = 0
-    for what, m in _models():
+    for what, m in tiny_models():
         for l in (0, m.config.num_hidden_layers - 1):
             t = _toks(60 + n)
             exp = paired_activations(m, l, t, progress=False)
@@ -176,7 +166,7 @@ def _graphs()->tuple:
     from headscope.sae.graph import attribution_graph
     from headscope.sae.transcoder import transcoder_hooks
     out = []
-    for (what, m), ls, p in zip(_models(), ((0, 1), (0, 2)), ("abcab", "edc ed")):
+    for (what, m), ls, p in zip(tiny_models(), ((0, 1), (0, 2)), ("abcab", "edc ed")):
         tcs = {l: _sae("transcoder", 64, 32, 80 + l, k=4, hook_name=transcoder_hooks(m, l)[0]) for l in ls}
         out.append((f"the graph of {what} on {p!r} (transcoders at layers {list(ls)})", attribution_graph(m, p, tcs, progress=False)))
     return tuple(out)

@@ -4,14 +4,15 @@
 
 # %% ../../nbs/72_course.core.ipynb #3e88220c
 from __future__ import annotations
-import hashlib, html, importlib, re, sys
+import functools, hashlib, html, importlib, re, sys
 from dataclasses import dataclass, field
 from typing import Callable
 import torch
 
 # %% auto #0
 __all__ = ['CHAPTERS', 'EXERCISES', 'Mismatch', 'Exercise', 'exercise', 'load_chapters', 'find_exercise', 'CheckResult', 'show',
-           'NotWritten', 'call', 'compare', 'run_check', 'check', 'quiz_key', 'quiz_question', 'quiz', 'Hint', 'hint']
+           'NotWritten', 'call', 'as_number', 'tiny_models', 'compare', 'run_check', 'check', 'quiz_key',
+           'quiz_question', 'quiz', 'Hint', 'hint']
 
 # %% ../../nbs/72_course.core.ipynb #1c34474e
 CHAPTERS = {n: f"headscope.course.ch{n:02d}" for n in range(1, 9)}   # chapter -> module registering its exercises
@@ -122,6 +123,20 @@ def _first_diff(exp:torch.Tensor, got:torch.Tensor, atol:float, rtol:float)->str
     return (f"{n} of {exp.numel()} values differ; the first at index {list(idx)}: "
             f"expected {exp[idx].item():.6g}, got {got[idx].item():.6g} (largest difference {(got-exp).abs().max().item():.3g})")
 
+def as_number(x, what:str)->torch.Tensor:
+    "A student's single number as a 0-d float64 tensor (a float, or a tensor holding one value), or a `Mismatch` saying what came back"
+    if torch.is_tensor(x) and x.is_complex(): raise Mismatch(f"on {what}: got a complex number {x}; a score is real (take .real)")
+    try: return torch.as_tensor(x.detach() if torch.is_tensor(x) else x, dtype=torch.float64).reshape(())
+    except Exception: raise Mismatch(f"on {what}: expected one number (a float), got {type(x).__name__} "
+                                     f"{list(x.shape) if torch.is_tensor(x) else repr(x)[:60]}") from None
+
+@functools.cache
+def tiny_models(initializer_range:float|None=None)->tuple:
+    "The checks' two tiny random models, built once: (\"tiny gpt2\", LayerNorm, learned positions), (\"tiny llama\", RMSNorm, rotary, GQA)"
+    from headscope.models import tiny_model
+    kw = {} if initializer_range is None else dict(initializer_range=initializer_range)
+    return (("tiny gpt2", tiny_model("gpt2", seed=1, n_layers=2, **kw)), ("tiny llama", tiny_model("llama", seed=2, n_layers=3, **kw)))
+
 def compare(exp, got, what:str, atol:float=1e-4, rtol:float=1e-4):
     "Raise `Mismatch` unless `got` equals `exp` (tensors: same shape, close values); `what` describes the input"
     if isinstance(exp, torch.Tensor):
@@ -134,8 +149,11 @@ def compare(exp, got, what:str, atol:float=1e-4, rtol:float=1e-4):
         if exp.dtype.is_floating_point and not torch.allclose(got, exp, atol=atol, rtol=rtol, equal_nan=True):
             raise Mismatch(f"on {what}: {_first_diff(exp, got, atol, rtol)}")
         return
+    if isinstance(exp, float) and torch.is_tensor(got) and got.numel() == 1: got = got.item()
     if isinstance(exp, float) and isinstance(got, (int, float)) and abs(exp - got) <= atol + rtol * abs(exp): return
     if got != exp: raise Mismatch(f"on {what}: expected {_short(exp)}, got {_short(got)}")
+
+
 
 # %% ../../nbs/72_course.core.ipynb #6a75f5b4
 def run_check(key, obj=None)->CheckResult:
