@@ -22,7 +22,24 @@ The rules every op in this package follows:
    is loaded (ops load lazily, on first attribute access or first `pick`); `HAS_TRITON` tries
    the import once, when first read.
 """
-import contextlib, contextvars, functools, importlib, os
+import contextlib, contextvars, functools, importlib, os, sys
+
+if __name__ == "kernels":
+    # This folder was found as a top-level `kernels` because the repository root is on sys.path (`nbdev_test` puts it
+    # there; so does `python` started in the root). That name is Hugging Face's `kernels`, which transformers imports:
+    # hand the import over to it, found on sys.path without the root, so transformers gets what it asked for.
+    import importlib.machinery, importlib.util
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
+    del sys.modules["kernels"]
+    if _spec is None:
+        raise ModuleNotFoundError("No module named 'kernels': the repository's kernels/ folder is `headscope.kernels`, "
+                                  "not a top-level package", name="kernels")
+    _hf = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _hf
+    _spec.loader.exec_module(_hf)
+
 import torch
 
 __all__ = ["STAT_NAMES", "HAS_TRITON", "has_triton", "interpreting", "backend_for", "pick", "force_backend", "OPS",

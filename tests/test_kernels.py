@@ -124,13 +124,25 @@ def test_no_top_level_kernels_from_us(tmp_path):
         """, cwd=tmp_path)
     assert out.split()[-1] == "True"
 
-def test_transformers_probe_from_repo_root():
-    "From the repo root (cwd on sys.path, e.g. `python -m pytest`) transformers' probe of `kernels` finds our folder; it must not crash"
-    out = _run("""
+def test_transformers_imports_hf_kernels_from_repo_root():
+    """From the repo root (cwd on sys.path, as `nbdev_test`'s basepath or `python -m pytest` put it) our folder is found
+    first as `kernels`; it hands the import to Hugging Face's package, so transformers' `from kernels import ...`
+    (5.25 imports it with every model's activations) gets the real names and a model builds"""
+    out = _run(f"""
+        import sys, importlib.util
+        sys.path.insert(0, {str(REPO)!r})
+        from pathlib import Path
+        import transformers
         from transformers.utils.import_utils import is_kernels_available
-        print(is_kernels_available())
+        cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32)
+        transformers.AutoModelForMaskedLM.from_config(cfg)
+        import kernels, headscope.kernels
+        ours = Path(kernels.__file__).resolve().is_relative_to({str(REPO/'kernels')!r})
+        hf = importlib.util.find_spec('kernels', None) is not None and not ours
+        print(is_kernels_available() == hf, ours, callable(headscope.kernels.pick))
         """, cwd=REPO)
-    assert out.split()[-1] in ("True", "False")
+    assert out.split()[-3:] == ["True", "False", "True"], out
 
 @pytest.mark.slow
 def test_wheel_holds_every_subpackage(tmp_path):
