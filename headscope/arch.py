@@ -77,7 +77,7 @@ def config_dims(config)->dict:
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
     d_model, n_heads = _cfg(c, "hidden_size", "n_embd", "dim"), _cfg(c, "num_attention_heads", "n_head", "n_heads")   # DistilBERT: dim, n_heads
     return dict(n_layers=_cfg(c, "num_hidden_layers", "n_layer", "n_layers"), n_heads=n_heads,
-                n_kv_heads=c.num_kv_heads if getattr(c, "new_decoder_architecture", False) else   # Falcon-40B: groups (its configs say multi_query too)
+                n_kv_heads=(c.num_kv_heads if c.new_decoder_architecture or not c.multi_query else 1) if c.model_type == "falcon" else   # as FalconAttention reads it (5.25's num_key_value_heads is fixed at init)
                     _cfg(c, "num_key_value_heads", default=1 if getattr(c, "multi_query", False) else n_heads),   # GPT-BigCode: MQA
                 d_model=d_model, d_head=c.v_head_dim if getattr(c, "kv_lora_rank", None) else _cfg(c, "head_dim", default=d_model//n_heads),   # MLA: z's width
                 d_mlp=_cfg(c, "intermediate_size", "n_inner", "hidden_dim", "ffn_dim", "ffn_hidden_size", default=int(getattr(c, "mlp_ratio", 4) * d_model)),   # DINOv2: mlp_ratio

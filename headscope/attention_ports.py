@@ -4,7 +4,7 @@
 
 # %% ../nbs/03a_attention.ports.ipynb #e17d2587
 from __future__ import annotations
-import types, weakref
+import inspect, types, weakref
 from contextlib import contextmanager
 import torch
 from torch import nn, Tensor
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from .attention import _BASES, eager_attention, _run_taps
 
 # %% auto #0
-__all__ = ['PORTS', 'port', 'unport', 'ported', 'bloom_attention', 'falcon_attention', 'falcon_decoder_layer',
-           'gpt_neo_attention', 'opt_decoder_layer', 'port_refusal', 'grouped_qk_hooks']
+__all__ = ['PORTS', 'PORT_WHEN', 'takes', 'port', 'unport', 'ported', 'bloom_attention', 'falcon_attention',
+           'falcon_decoder_layer', 'gpt_neo_attention', 'opt_decoder_layer', 'port_refusal', 'grouped_qk_hooks']
 
 # %% ../nbs/03a_attention.ports.ipynb #2bd5f453
 def _attention_fn(module, biased:bool=False):
@@ -35,6 +35,11 @@ def _biased(mask:Tensor|None, bias:Tensor)->Tensor:
 
 # %% ../nbs/03a_attention.ports.ipynb #8d7d4551
 PORTS = {}   # class name -> port: a forward with the original's signature and outputs, calling the attention interface
+PORT_WHEN = {}   # class name -> test of the module: ports that only some transformers versions need (newer ones call the interface)
+
+def takes(m:nn.Module, name:str)->bool:
+    "Whether the class forward of `m` (not an instance's port) has a parameter `name`: how a port tells transformers versions apart"
+    return name in inspect.signature(type(m).forward).parameters
 
 def _needs(m:nn.Module, model:nn.Module)->dict:
     "Attributes the attention interface reads that the module lacks"
@@ -54,8 +59,8 @@ def port(model:nn.Module)->bool:
     done = []
     try:
         for m in model.modules():
-            fn = PORTS.get(type(m).__name__)
-            if fn is None: continue
+            fn, when = PORTS.get(type(m).__name__), PORT_WHEN.get(type(m).__name__)
+            if fn is None or (when is not None and not when(m)): continue
             if "forward" in vars(m): raise ValueError(f"{type(m).__name__} already has a forward of its own (ported or patched elsewhere).")
             need = _needs(m, model)
             for k, v in need.items(): object.__setattr__(m, k, v)   # plain attributes: a config is no submodule
@@ -136,18 +141,21 @@ def falcon_attention(self, hidden_states, alibi, attention_mask, position_ids=No
     z, w = fn(self, q, k, v, mask, scaling=self.inv_norm_factor, dropout=p)
     return self.dense(z.reshape(b, q_len, H * D)), w
 PORTS["FalconAttention"] = falcon_attention
+PORT_WHEN["FalconAttention"] = lambda m: takes(m, "alibi")    # before transformers 5.25: attention inline, `alibi` passed in
 
 # %% ../nbs/03a_attention.ports.ipynb #91a5d1e9
-def falcon_decoder_layer(self, hidden_states, alibi, attention_mask, position_ids=None, layer_past=None, use_cache=False,
-                         output_attentions=False, position_embeddings=None, **kwargs):
-    "`FalconDecoderLayer.forward`, adding attention to the MLP's output out of place (the original's `+=` rewrote a hooked `hook_mlp_out`)"
+def falcon_decoder_layer(self, hidden_states, attention_mask=None, position_ids=None, layer_past=None, use_cache=False,
+                         output_attentions=False, position_embeddings=None, alibi=None, **kwargs):
+    """`FalconDecoderLayer.forward`, adding attention to the MLP's output out of place (the original's `+=` rewrote a hooked
+    `hook_mlp_out`); the model passes everything by name, `alibi` only before transformers 5.25"""
     c, residual = self.config, hidden_states
     if c.new_decoder_architecture and c.num_ln_in_parallel_attn == 2:
         attn_in, mlp_in = self.ln_attn(hidden_states), self.ln_mlp(hidden_states)
     else: attn_in = self.input_layernorm(hidden_states)
+    old = dict(alibi=alibi) if takes(self.self_attention, "alibi") else {}
     attn_out, w = self.self_attention(attn_in, layer_past=layer_past, attention_mask=attention_mask, position_ids=position_ids,
-                                      alibi=alibi, use_cache=use_cache, output_attentions=output_attentions,
-                                      position_embeddings=position_embeddings)
+                                      use_cache=use_cache, output_attentions=output_attentions,
+                                      position_embeddings=position_embeddings, **old)
     if not c.new_decoder_architecture:
         if c.parallel_attn: mlp_in = attn_in
         else:
