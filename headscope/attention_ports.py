@@ -4,7 +4,7 @@
 
 # %% ../nbs/03a_attention.ports.ipynb #e17d2587
 from __future__ import annotations
-import inspect, types, weakref
+import functools, inspect, types, weakref
 from contextlib import contextmanager
 import torch
 from torch import nn, Tensor
@@ -39,7 +39,10 @@ PORT_WHEN = {}   # class name -> test of the module: ports that only some transf
 
 def takes(m:nn.Module, name:str)->bool:
     "Whether the class forward of `m` (not an instance's port) has a parameter `name`: how a port tells transformers versions apart"
-    return name in inspect.signature(type(m).forward).parameters
+    return _class_takes(type(m), name)
+
+@functools.lru_cache(maxsize=None)
+def _class_takes(cls:type, name:str)->bool: return name in inspect.signature(cls.forward).parameters   # read once a class
 
 def _needs(m:nn.Module, model:nn.Module)->dict:
     "Attributes the attention interface reads that the module lacks"

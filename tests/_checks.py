@@ -140,12 +140,15 @@ def alibi_bias(model, n_keys, scaling=1.0):
     if not getattr(c, "alibi", False): return 0.
     from transformers.models.falcon.modeling_falcon import build_alibi_tensor
     a = build_alibi_tensor(torch.ones(1, n_keys, dtype=torch.long), d.n_heads, torch.float32)[:, 0].double()
-    import inspect
-    from transformers.models.falcon.modeling_falcon import FalconAttention
     # before transformers 5.25 Falcon's eager path summed (q.k + a) * s + a * s (the mask it folded alibi into): the slope
     # counted twice; from 5.25 its attention calls the interface with alibi in the mask only, once
-    twice = "alibi" in inspect.signature(FalconAttention.forward).parameters
-    return (2 if twice else 1) * a * scaling
+    return (2 if falcon_inline() else 1) * a * scaling
+
+def falcon_inline()->bool:
+    "Whether this transformers' FalconAttention computes attention inline and takes `alibi` (before 5.25), read from its signature"
+    import inspect
+    from transformers.models.falcon.modeling_falcon import FalconAttention
+    return "alibi" in inspect.signature(FalconAttention.forward).parameters
 
 def check_attention_float64(model, c, atol=1e-5):
     "scores = q.k * scale (+ ALiBi) (+ softcap), pattern = softmax(scores), z = pattern @ v, recomputed in float64"

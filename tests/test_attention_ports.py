@@ -1,7 +1,6 @@
 """Ports of Bloom, Falcon and GPT-Neo attention (and OPT's decoder layer): the ported model computes what the original
 does, and with hand-written specs headscope's exactness battery (`_checks.py`) holds on each."""
-import inspect, pytest, torch, transformers
-import transformers.models.falcon.modeling_falcon
+import pytest, torch, transformers
 import headscope.arch as arch_mod
 import headscope.hooking as hooking
 import _checks
@@ -119,7 +118,7 @@ def left_padded(ids):
 # (<= 2 ulp). From 5.25 Falcon's attention calls the interface itself and is not ported (only its layer is): bitwise.
 # float64: Bloom and GPT-Neo's own code computes in float32 inside (Bloom's softmax, GPT-Neo's scores); the port keeps float64,
 # so it differs from the original by float32 rounding (<= 1e-8 here), and is the more precise of the two.
-FALCON_INLINE = "alibi" in inspect.signature(transformers.models.falcon.modeling_falcon.FalconAttention.forward).parameters
+FALCON_INLINE = _checks.falcon_inline()
 EXACT32 = {"falcon_alibi": 1e-6, "falcon_new_alibi": 1e-6} if FALCON_INLINE else {}
 EXACT64 = {"bloom": 1e-8, "gpt_neo": 1e-8, **({"falcon_alibi": 1e-12, "falcon_new_alibi": 1e-12} if FALCON_INLINE else {})}
 
