@@ -16,7 +16,7 @@ Prints a table and one `BENCH_JSON {...}` line; merges its run into bench/result
 under "default" or "malloc_tuned". Speeds are ratios against a baseline timed in the same process,
 never asserted. A peer that fails to import or to run is reported and skipped."""
 import argparse, ctypes, gc, importlib.util, json, os, pathlib, platform, statistics, subprocess, sys
-import threading, time
+import resource, threading, time
 import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -108,7 +108,7 @@ def peak_rss_growth(fn, every=0.001):
 class Contestant:
     def __init__(self, name, attn, patterns, run, note=""):
         self.name, self.attn, self.patterns, self.run, self.note = name, attn, patterns, run, note
-        self.times, self.info, self.error = [], {}, None
+        self.times, self.faults, self.info, self.error = [], [], {}, None
 
 def names_for(n_layers, patterns=True):
     return [f"blocks.{l}.{k}" for l in range(n_layers) for k in KINDS if patterns or k != "attn.hook_pattern"]
@@ -120,6 +120,19 @@ def load_hf(d, attn, dtype):
 def plain(model):
     def run(): return {}, model(input_ids=IDS, use_cache=False)
     return run
+
+def floor(model, shapes, dtype):
+    """The plain forward, then fresh tensors of the cache's shapes with one write per page: what any tool
+    that returns new tensors pays at least (first-touch page faults), with no hook work and no copies."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    def run():
+        out = model(input_ids=IDS, use_cache=False)
+        held = [torch.empty(s, dtype=dtype) for s in shapes]
+        for t in held: t.view(-1)[::max(1, page // t.element_size())].zero_()
+        return {}, (out, held)
+    return run
+
+def _minflt()->int: return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 _PATTERN_SINK = {}   # layer -> callback, while `reference` runs an SDPA model
 
@@ -268,7 +281,13 @@ def bench_dtype(d, dtype, args, hs_state):
     ref = {"sdpa": reference(sdpa, chk), "eager": reference(eager, chk)}
     cs = [Contestant("HF forward (A)", "sdpa", False, plain(sdpa), "baseline, no caching"),
           Contestant("HF forward (B)", "eager", False, plain(eager), "baseline, no caching")]
-    only = lambda c: not args.only or any(o in c.name for o in args.only) or c.name.startswith("HF forward")
+    shapes = lambda patterns: [(B, H, S, S) if k == "attn.hook_pattern" else (B, S, D)
+                               for _ in range(L) for k in per_layer if patterns or k != "attn.hook_pattern"]
+    cs += [Contestant("floor, patterns", "eager", True, floor(eager, shapes(True), dtype),
+                      "plain forward + fresh cache-sized tensors, one write per page"),
+           Contestant("floor, no patterns", "sdpa", False, floor(sdpa, shapes(False), dtype),
+                      "plain forward + fresh cache-sized tensors, one write per page")]
+    only = lambda c: not args.only or any(o in c.name for o in args.only) or c.name.startswith(("HF forward", "floor"))
     hs, st = headscope_contestants(d, dtype, L) if not args.skip_headscope else ([], "skipped")
     hs_state.update(st if isinstance(st, dict) else {"error": st})
     cs += hs
@@ -286,7 +305,7 @@ def bench_dtype(d, dtype, args, hs_state):
         except Exception as e:
             c.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             log(f"  {c.name}: FAILED ({c.error})"); continue
-        if c.name.startswith("HF forward"): del acts, keep; continue
+        if c.name.startswith(("HF forward", "floor")): del acts, keep; continue
         want = names_for(L, c.patterns)
         missing = [n for n in want if n not in acts]
         c.info.update(cache_bytes=storage_bytes(acts.values()), requested_bytes=requested(c.patterns),
@@ -326,7 +345,8 @@ def bench_dtype(d, dtype, args, hs_state):
         for c in order:
             if args.trim and not args.malloc_tuned: gc.collect(); _trim(0)   # tuned malloc keeps its heap on purpose
             QUIET()
-            t = time.perf_counter(); out = call(c); c.times.append(time.perf_counter() - t)
+            f, t = _minflt(), time.perf_counter(); out = call(c); c.times.append(time.perf_counter() - t)
+            c.faults.append(_minflt() - f)
             del out; gc.collect()
 
     med = {c.name: statistics.median(c.times) for c in cs_ok}
@@ -348,7 +368,8 @@ def bench_dtype(d, dtype, args, hs_state):
                    # per round (round robin: the contestant and the baseline ran seconds apart), then the median
                    paired_vs_sdpa=round(statistics.median(t/b for t, b in zip(c.times, times["HF forward (A)"])), 3) if "HF forward (A)" in times else None,
                    paired_vs_eager=round(statistics.median(t/b for t, b in zip(c.times, times["HF forward (B)"])), 3) if "HF forward (B)" in times else None,
-                   times_s=[round(t, 4) for t in c.times])
+                   times_s=[round(t, 4) for t in c.times],
+                   minor_faults_median=int(statistics.median(c.faults)), minor_faults=c.faults)
         for k, v in c.info.items():
             row[k] = round(v, 4) if isinstance(v, float) else v
         if "cache_bytes" in c.info:
@@ -361,7 +382,7 @@ def bench_dtype(d, dtype, args, hs_state):
 def table(rows, dtype):
     f = lambda v, fmt: "-" if v is None else format(v, fmt)
     hdr = (f"{'contestant':30} {'attn':5} {'median s':>8} {'min-max s':>13} {'x A med/min':>11} {'x B med/min':>11} "
-           f"{'paired xA/xB':>12} {'cache MiB':>9} {'req MiB':>8} {'x req':>5} {'peak RSS+':>9} {'rel diff vs HF hooks':>20}")
+           f"{'paired xA/xB':>12} {'faults k':>8} {'cache MiB':>9} {'req MiB':>8} {'x req':>5} {'peak RSS+':>9} {'rel diff vs HF hooks':>20}")
     out = [f"\n== {dtype} ==", hdr, "-"*len(hdr)]
     for r in rows:
         if "error" in r: out.append(f"{r['name']:30} {r['attn']:5} FAILED: {r['error']}"); continue
@@ -372,6 +393,7 @@ def table(rows, dtype):
                    f"{f(r['ratio_vs_sdpa'], '5.3f')}/{f(r['min_ratio_vs_sdpa'], '5.3f')} "
                    f"{f(r['ratio_vs_eager'], '5.3f')}/{f(r['min_ratio_vs_eager'], '5.3f')} "
                    f"{f(r.get('paired_vs_sdpa'), '5.3f')}/{f(r.get('paired_vs_eager'), '5.3f')} "
+                   f"{f(r['minor_faults_median']/1e3 if 'minor_faults_median' in r else None, '8.0f')} "
                    f"{f(r.get('cache_bytes', 0)/MiB if 'cache_bytes' in r else None, '9.1f')} "
                    f"{f(r['requested_bytes']/MiB if 'requested_bytes' in r else None, '8.1f')} "
                    f"{f(r.get('cache_over_requested'), '5.2f')} "
@@ -379,7 +401,7 @@ def table(rows, dtype):
                    f"{'-' if best is None else format(dd[best], '.1e') + ' ' + best:>20}")
         if r.get("note"): out.append(f"{'':32}({r['note']})")
     out.append("x A, x B: median (and min) over the plain HF forward with SDPA (A) or eager (B) attention, same process. "
-               "cache: unique storages of the\nreturned activations; req: their numel x element size; peak RSS+: "
+               "faults k: median minor page faults per timed call (thousands); floor: the plain forward plus fresh\ntensors of the cache's shapes, each page written once (the least a tool that returns new tensors pays). cache: unique storages of the\nreturned activations; req: their numel x element size; peak RSS+: "
                "peak resident growth during one call, sampled each ms.\nrel diff: max|act - ref| / max|ref| at "
                "layers 0, L/2, L-1 against hooks on a plain HF model (the closer of SDPA and eager).")
     return "\n".join(out)
