@@ -122,12 +122,12 @@ def plain(model):
     return run
 
 def floor(model, shapes, dtype):
-    """The plain forward, then fresh tensors of the cache's shapes with one write per page: what any tool
-    that returns new tensors pays at least (first-touch page faults), with no hook work and no copies."""
+    """Fresh tensors of the cache's shapes, allocated before the plain forward and written once per page after
+    it: what returning new tensors costs in first-touch page faults, with no hook work and no copies."""
     page = os.sysconf("SC_PAGE_SIZE")
     def run():
-        out = model(input_ids=IDS, use_cache=False)
         held = [torch.empty(s, dtype=dtype) for s in shapes]
+        out = model(input_ids=IDS, use_cache=False)
         for t in held: t.view(-1)[::max(1, page // t.element_size())].zero_()
         return {}, (out, held)
     return run
@@ -284,9 +284,9 @@ def bench_dtype(d, dtype, args, hs_state):
     shapes = lambda patterns: [(B, H, S, S) if k == "attn.hook_pattern" else (B, S, D)
                                for _ in range(L) for k in per_layer if patterns or k != "attn.hook_pattern"]
     cs += [Contestant("floor, patterns", "eager", True, floor(eager, shapes(True), dtype),
-                      "plain forward + fresh cache-sized tensors, one write per page"),
+                      "fresh cache-sized tensors, one write per page, no hooks"),
            Contestant("floor, no patterns", "sdpa", False, floor(sdpa, shapes(False), dtype),
-                      "plain forward + fresh cache-sized tensors, one write per page")]
+                      "fresh cache-sized tensors, one write per page, no hooks")]
     only = lambda c: not args.only or any(o in c.name for o in args.only) or c.name.startswith(("HF forward", "floor"))
     hs, st = headscope_contestants(d, dtype, L) if not args.skip_headscope else ([], "skipped")
     hs_state.update(st if isinstance(st, dict) else {"error": st})
@@ -401,7 +401,7 @@ def table(rows, dtype):
                    f"{'-' if best is None else format(dd[best], '.1e') + ' ' + best:>20}")
         if r.get("note"): out.append(f"{'':32}({r['note']})")
     out.append("x A, x B: median (and min) over the plain HF forward with SDPA (A) or eager (B) attention, same process. "
-               "faults k: median minor page faults per timed call (thousands); floor: the plain forward plus fresh\ntensors of the cache's shapes, each page written once (the least a tool that returns new tensors pays). cache: unique storages of the\nreturned activations; req: their numel x element size; peak RSS+: "
+               "faults k: median minor page faults per timed call (thousands); floor: the plain forward plus fresh\ntensors of the cache's shapes, allocated before it and each page written once (what returning new tensors costs in page faults). cache: unique storages of the\nreturned activations; req: their numel x element size; peak RSS+: "
                "peak resident growth during one call, sampled each ms.\nrel diff: max|act - ref| / max|ref| at "
                "layers 0, L/2, L-1 against hooks on a plain HF model (the closer of SDPA and eager).")
     return "\n".join(out)

@@ -203,19 +203,29 @@ def check_cache_memory(model:nn.Module, x:dict, names:list, dtype=None, device=N
                       f"fewer or shorter prompts, or a smaller dtype=; pass check_memory=False to run it anyway.")
 
 # %% ../nbs/05_cache.ipynb #ce863838
-def _keeper(store:dict, name:str, device, dtype, memo:dict):
-    "Hook function that keeps `act` under `name`, without a copy unless one is needed"
+def _cache_slots(model:nn.Module, x:dict, names:list, device, dtype)->dict:
+    "Empty tensors, one per hook point, allocated before the forward where the cache will live (in CPU memory their pages are touched only when filled)"
+    dev = torch.device(device) if device is not None else input_device(model)
+    (b, p), esz = input_shape(model, x), dtype or next(model.parameters()).dtype
+    return {n: torch.empty(hook_shape(model, n, b, p), dtype=esz, device=dev) for n in names}
+
+def _keeper(store:dict, name:str, device, dtype, memo:dict, slot:Tensor|None=None):
+    "Hook function that keeps `act` under `name`: copied into `slot` when it has the same shape (and the wanted dtype), else without a copy unless one is needed"
+    slot = [slot]
     def keep(act, hook):
         hit = memo.get(id(act))
-        if hit is not None and hit[0]() is act:      # the same tensor at two points (resid_post[l] is resid_pre[l+1])
+        if hit is not None and hit[0]() is act and hit[2] == act._version:   # the same tensor, unchanged, at two points (resid_post[l] is resid_pre[l+1])
             store[name] = hit[1]; return
-        t = act.detach()
-        if (device is not None and t.device != torch.device(device)) or (dtype is not None and t.is_floating_point() and t.dtype != dtype):
-            t = t.to(device=device, dtype=dtype if t.is_floating_point() else None, copy=True)
+        t, s = act.detach(), slot.pop() if slot else None
+        want = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        if s is not None and s.shape == t.shape and s.dtype == want and (device is None or s.device == torch.device(device)):
+            t = s.copy_(t)     # into memory allocated before the forward: the forward's own scratch memory is left as a plain forward has it
+        elif (device is not None and t.device != torch.device(device)) or want != t.dtype:
+            t = t.to(device=device, dtype=want, copy=True)
         elif t.untyped_storage().nbytes() > 1.05 * t.numel() * t.element_size():
             t = t.clone()   # a slice of a bigger tensor (fused qkv, gate|up): keep only the slice
         store[name] = t
-        memo[id(act)] = (weakref.ref(act), t)         # a weak reference: a freed tensor's address may be reused
+        memo[id(act)] = (weakref.ref(act), t, act._version)   # a weak reference: a freed tensor's address may be reused
     return keep
 
 def run_with_cache(model:nn.Module,
@@ -235,8 +245,8 @@ def run_with_cache(model:nn.Module,
     names = resolve_names(model, names)
     if device is None and len(compute_devices(model)) > 1: device = input_device(model)   # layers on several devices: gather, so `stack` works
     if check_memory: check_cache_memory(model, x, names, dtype, device)
-    store, memo = {}, {}
-    fh = [(n, _keeper(store, n, device, dtype, memo)) for n in names]
+    store, memo, slots = {}, {}, _cache_slots(model, x, names, device, dtype)
+    fh = [(n, _keeper(store, n, device, dtype, memo, slots.pop(n, None))) for n in names]
     with torch.set_grad_enabled(grad):
         out = run_until(model, x, list(fwd_hooks) + fh, stop_at_layer=stop_at_layer)
     memo.clear()
