@@ -121,9 +121,10 @@ def plain(model):
     def run(): return {}, model(input_ids=IDS, use_cache=False)
     return run
 
-def floor(model, shapes, dtype):
+def fresh_tensors(model, shapes, dtype):
     """Fresh tensors of the cache's shapes, allocated before the plain forward and written once per page after
-    it: what returning new tensors costs in first-touch page faults, with no hook work and no copies."""
+    it: a reference for what returning new tensors costs in first-touch page faults, with no hooks and no copies
+    (not a lower bound: where glibc places them decides how many of the forward's own pages it faults again)."""
     page = os.sysconf("SC_PAGE_SIZE")
     def run():
         held = [torch.empty(s, dtype=dtype) for s in shapes]
@@ -283,11 +284,11 @@ def bench_dtype(d, dtype, args, hs_state):
           Contestant("HF forward (B)", "eager", False, plain(eager), "baseline, no caching")]
     shapes = lambda patterns: [(B, H, S, S) if k == "attn.hook_pattern" else (B, S, D)
                                for _ in range(L) for k in per_layer if patterns or k != "attn.hook_pattern"]
-    cs += [Contestant("floor, patterns", "eager", True, floor(eager, shapes(True), dtype),
+    cs += [Contestant("fresh tensors, patterns", "eager", True, fresh_tensors(eager, shapes(True), dtype),
                       "fresh cache-sized tensors, one write per page, no hooks"),
-           Contestant("floor, no patterns", "sdpa", False, floor(sdpa, shapes(False), dtype),
+           Contestant("fresh tensors, no patterns", "sdpa", False, fresh_tensors(sdpa, shapes(False), dtype),
                       "fresh cache-sized tensors, one write per page, no hooks")]
-    only = lambda c: not args.only or any(o in c.name for o in args.only) or c.name.startswith(("HF forward", "floor"))
+    only = lambda c: not args.only or any(o in c.name for o in args.only) or c.name.startswith(("HF forward", "fresh tensors"))
     hs, st = headscope_contestants(d, dtype, L) if not args.skip_headscope else ([], "skipped")
     hs_state.update(st if isinstance(st, dict) else {"error": st})
     cs += hs
@@ -305,7 +306,7 @@ def bench_dtype(d, dtype, args, hs_state):
         except Exception as e:
             c.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             log(f"  {c.name}: FAILED ({c.error})"); continue
-        if c.name.startswith(("HF forward", "floor")): del acts, keep; continue
+        if c.name.startswith(("HF forward", "fresh tensors")): del acts, keep; continue
         want = names_for(L, c.patterns)
         missing = [n for n in want if n not in acts]
         c.info.update(cache_bytes=storage_bytes(acts.values()), requested_bytes=requested(c.patterns),
@@ -401,7 +402,7 @@ def table(rows, dtype):
                    f"{'-' if best is None else format(dd[best], '.1e') + ' ' + best:>20}")
         if r.get("note"): out.append(f"{'':32}({r['note']})")
     out.append("x A, x B: median (and min) over the plain HF forward with SDPA (A) or eager (B) attention, same process. "
-               "faults k: median minor page faults per timed call (thousands); floor: the plain forward plus fresh\ntensors of the cache's shapes, allocated before it and each page written once (what returning new tensors costs in page faults). cache: unique storages of the\nreturned activations; req: their numel x element size; peak RSS+: "
+               "faults k: median minor page faults per timed call (thousands); fresh tensors: the plain forward plus\ntensors of the cache's shapes, allocated before it and each page written once after it (a reference for page faults, not a bound). cache: unique storages of the\nreturned activations; req: their numel x element size; peak RSS+: "
                "peak resident growth during one call, sampled each ms.\nrel diff: max|act - ref| / max|ref| at "
                "layers 0, L/2, L-1 against hooks on a plain HF model (the closer of SDPA and eager).")
     return "\n".join(out)
