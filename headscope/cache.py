@@ -210,17 +210,17 @@ def _cache_slots(model:nn.Module, x:dict, names:list, device, dtype)->dict:
     return {n: torch.empty(hook_shape(model, n, b, p), dtype=esz, device=dev) for n in names}
 
 def _keeper(store:dict, name:str, device, dtype, memo:dict, slot:Tensor|None=None):
-    "Hook function that keeps `act` under `name`: copied into `slot` when it has the same shape (and the wanted dtype), else without a copy unless one is needed"
-    slot = [slot]
+    "Hook function that keeps `act` under `name`: copied into `slot` (made on `device`) when it has the same shape (and the wanted dtype), else without a copy unless one is needed"
+    slot, device = [slot], None if device is None else torch.device(device)   # the device parsed once, not on every call
     def keep(act, hook):
         hit = memo.get(id(act))
         if hit is not None and hit[0]() is act and hit[2] == act._version:   # the same tensor, unchanged, at two points (resid_post[l] is resid_pre[l+1])
             store[name] = hit[1]; return
         t, s = act.detach(), slot.pop() if slot else None
         want = dtype if dtype is not None and t.is_floating_point() else t.dtype
-        if s is not None and s.shape == t.shape and s.dtype == want and (device is None or s.device == torch.device(device)):
+        if s is not None and s.shape == t.shape and s.dtype == want:
             t = s.copy_(t)     # into memory allocated before the forward: the forward's own scratch memory is left as a plain forward has it
-        elif (device is not None and t.device != torch.device(device)) or want != t.dtype:
+        elif (device is not None and t.device != device) or want != t.dtype:
             t = t.to(device=device, dtype=want, copy=True)
         elif t.untyped_storage().nbytes() > 1.05 * t.numel() * t.element_size():
             t = t.clone()   # a slice of a bigger tensor (fused qkv, gate|up): keep only the slice
